@@ -1,0 +1,257 @@
+"""Configuration: a TOML file, overridden by DISPATCHER_<SECTION>_<KEY> environment variables.
+
+Every key has a default (documented in config.example.toml); a bad value is a ConfigError that
+names the key and where it came from, so the CLI can print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key and its source."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration string with a unit: "250ms", "5s", "30m", "2h", "1d"."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(
+            f"{text!r} is not a duration (use a number and a unit: 250ms, 5s, 30m, 2h)"
+        )
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact duration string for a number of seconds."""
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _UNIT_SECONDS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    dsn: str = "postgresql://dispatcher@localhost/loyalty"
+    schema: str = "webhooks"
+    pool_size: int = 8
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    concurrency: int = 256
+    per_endpoint_concurrency: int = 8
+    timeout: float = 5.0
+    lease: float = 60.0
+    max_response_bytes: int = 65536
+    response_excerpt_bytes: int = 1024
+    batch_size: int = 500
+    flush_interval: float = 0.02
+    poll_interval: float = 1.0
+    shutdown_grace: float = 20.0
+    user_agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    schedule: tuple[float, ...] = (0, 5, 60, 300, 1800, 7200, 18000, 36000, 36000)
+    jitter: float = 0.2
+    retry_after_max: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DisableConfig:
+    after_failures: int = 20
+    after: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    allow_http: bool = False
+    allow_private_networks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    disable: DisableConfig = field(default_factory=DisableConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "database": DatabaseConfig,
+    "delivery": DeliveryConfig,
+    "retry": RetryConfig,
+    "disable": DisableConfig,
+    "security": SecurityConfig,
+    "http": HttpConfig,
+    "log": LogConfig,
+}
+# Keys whose values are durations in the file ("5s") and seconds in the dataclass.
+_DURATIONS = {
+    ("database", "connect_timeout"),
+    ("delivery", "timeout"),
+    ("delivery", "lease"),
+    ("delivery", "flush_interval"),
+    ("delivery", "poll_interval"),
+    ("delivery", "shutdown_grace"),
+    ("retry", "retry_after_max"),
+    ("disable", "after"),
+}
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the file (if any), apply environment overrides, convert and validate every key."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {source} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{section}]")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table")
+            for key, value in values.items():
+                raw[section][key] = (value, source)
+    for name, value in env.items():
+        if not name.startswith("DISPATCHER_"):
+            continue
+        rest = name[len("DISPATCHER_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key:
+            raw[section][key] = (value, f"environment variable {name}")
+    built = {section: _build_section(section, raw[section]) for section in _SECTIONS}
+    config = Config(**built)
+    _validate(config)
+    return config
+
+
+def _build_section(section: str, values: dict[str, tuple[Any, str]]) -> Any:
+    cls = _SECTIONS[section]
+    known = {f.name: f for f in fields(cls)}
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for key, (value, source) in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key [{section}] {key}")
+        try:
+            kwargs[key] = _convert(section, key, value, getattr(defaults, key))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: [{section}] {key}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _convert(section: str, key: str, value: Any, default: Any) -> Any:
+    from_env = isinstance(value, str)
+    if section == "retry" and key == "schedule":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ValueError("must be a non-empty list of durations")
+        return tuple(parse_duration(str(v)) for v in items)
+    if (section, key) in _DURATIONS:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError('must be a duration string such as "5s"')
+        return parse_duration(value) if isinstance(value, str) else float(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if from_env and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError("must be true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        if isinstance(value, int):
+            return value
+        if from_env and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ValueError("must be a whole number")
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_env:
+            return float(value)
+        raise ValueError("must be a number")
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _validate(c: Config) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config: {key}: {why}")
+
+    if not c.database.dsn.startswith(("postgresql://", "postgres://")):
+        raise bad("[database] dsn", "must be a postgresql:// URL")
+    if not _IDENT.match(c.database.schema):
+        raise bad("[database] schema", "must be a lower-case SQL identifier")
+    if not 2 <= c.database.pool_size <= 100:
+        raise bad("[database] pool_size", "must be between 2 and 100")
+    d = c.delivery
+    if not 1 <= d.concurrency <= 10000:
+        raise bad("[delivery] concurrency", "must be between 1 and 10000")
+    if not 1 <= d.per_endpoint_concurrency <= d.concurrency:
+        raise bad("[delivery] per_endpoint_concurrency", "must be between 1 and concurrency")
+    if not 0 < d.timeout <= 300:
+        raise bad("[delivery] timeout", "must be between 1ms and 5m")
+    if d.lease < 2 * d.timeout + 5:
+        raise bad("[delivery] lease", "must be at least twice the timeout plus 5s")
+    if not 1 <= d.batch_size <= 10000:
+        raise bad("[delivery] batch_size", "must be between 1 and 10000")
+    if d.max_response_bytes < d.response_excerpt_bytes:
+        raise bad("[delivery] max_response_bytes", "must be at least response_excerpt_bytes")
+    if not 0 < d.poll_interval <= 60:
+        raise bad("[delivery] poll_interval", "must be between 1ms and 60s")
+    if not 0 < d.flush_interval <= 5:
+        raise bad("[delivery] flush_interval", "must be between 1ms and 5s")
+    if not 0 <= c.retry.jitter < 1:
+        raise bad("[retry] jitter", "must be at least 0 and below 1")
+    if c.disable.after_failures < 1:
+        raise bad("[disable] after_failures", "must be at least 1")
+    if c.http.listen:
+        host, sep, port = c.http.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise bad("[http] listen", "must be HOST:PORT or empty")
+    if c.log.format not in ("json", "console"):
+        raise bad("[log] format", "must be json or console")
+    if c.log.level not in ("debug", "info", "warning", "error"):
+        raise bad("[log] level", "must be debug, info, warning or error")

@@ -1,0 +1,157 @@
+"""Schema and queries: connecting, the named queries in queries.sql, and migrations from sql/."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import asyncpg.pool
+
+from .config import DatabaseConfig
+
+# Anything that runs a statement: a connection, a pooled connection, or the pool itself.
+Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# Migrations live at the repository top (sql/); an installed wheel carries a copy in the package.
+_SQL_DIRS = (
+    Path(__file__).resolve().parent.parent / "sql",
+    Path(__file__).resolve().parent / "sql",
+)
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be reached or used; the message is one line fit for an operator."""
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+Q = _load_queries()
+
+
+def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
+    """Settings shared by every connection: the schema on the search path, a connect timeout."""
+    return {
+        "dsn": config.dsn,
+        "timeout": config.connect_timeout,
+        "server_settings": {
+            "search_path": f'"{config.schema}"',
+            "application_name": "webhook-dispatcher",
+        },
+    }
+
+
+def describe_connect_error(config: DatabaseConfig, exc: BaseException) -> str:
+    """One line saying which database could not be used and why, without the password."""
+    where = redact_dsn(config.dsn)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot connect to PostgreSQL at {where}: {reason}"
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for logs and error lines."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+
+
+async def connect(config: DatabaseConfig) -> asyncpg.Connection:
+    """One connection, or DatabaseError with a clear line."""
+    try:
+        return await asyncpg.connect(**connect_kwargs(config))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(describe_connect_error(config, exc)) from None
+
+
+async def create_pool(config: DatabaseConfig, **kwargs: Any) -> asyncpg.Pool:
+    """A connection pool for the daemon or the CLI, or DatabaseError with a clear line."""
+    try:
+        pool = await asyncpg.create_pool(
+            min_size=1, max_size=config.pool_size, **connect_kwargs(config), **kwargs
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(describe_connect_error(config, exc)) from None
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The numbered SQL files, in order."""
+    for directory in _SQL_DIRS:
+        if directory.is_dir():
+            found = []
+            for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+                found.append(Migration(int(path.name[:3]), path.stem, path.read_text("utf-8")))
+            return found
+    raise DatabaseError("no migrations found: the sql/ directory is missing")
+
+
+async def migrate(config: DatabaseConfig) -> list[str]:
+    """Apply every migration not yet recorded; safe to run twice and from two hosts at once."""
+    conn = await connect(config)
+    schema = config.schema
+    applied: list[str] = []
+    try:
+        # One advisory lock per schema serializes concurrent migrators; the loser then sees the
+        # winner's rows in schema_migrations and has nothing left to do.
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"dispatcher.migrate.{schema}")
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {
+                r["version"]
+                for r in await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+            }
+            for m in migrations():
+                if m.version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(f'SET LOCAL search_path TO "{schema}", pg_catalog')
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        m.version,
+                        m.name,
+                    )
+                applied.append(m.name)
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtext($1))", f"dispatcher.migrate.{schema}"
+            )
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"migration failed: {exc}") from None
+    finally:
+        await conn.close()
+    return applied
+
+
+async def check_schema(conn: Executor) -> None:
+    """Refuse to run against a schema that is missing or behind this version's migrations."""
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        raise DatabaseError("the schema is not set up: run `dispatcher migrate` first") from None
+    have = {r["version"] for r in rows}
+    missing = [m.name for m in migrations() if m.version not in have]
+    if missing:
+        raise DatabaseError(
+            f"the schema is behind: run `dispatcher migrate` (missing {', '.join(missing)})"
+        )

@@ -1,0 +1,195 @@
+-- Every query the dispatcher runs, one named block each ("-- name: x"), loaded by dispatcher.db.
+-- Connections run with search_path set to the configured schema, so names are unqualified.
+-- Hot-path statements are set-based: one statement per batch, never one per row.
+
+-- name: fan_out
+-- Turn up to $1 new outbox rows into one delivery per subscribed endpoint, due after $2 seconds
+-- (the schedule's first delay), and mark the rows.
+-- SKIP LOCKED lets replicas fan out side by side; the unique key makes a repeat a no-op.
+WITH ev AS MATERIALIZED (
+    SELECT seq, event_id, tenant, event_type
+    FROM outbox
+    WHERE fanned_out_at IS NULL
+    ORDER BY seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE outbox o SET fanned_out_at = now()
+    FROM ev
+    WHERE o.seq = ev.seq
+), inserted AS (
+    INSERT INTO deliveries (event_seq, event_id, endpoint_id, status, next_attempt_at)
+    SELECT ev.seq, ev.event_id, e.id, CASE WHEN e.enabled THEN 'pending' ELSE 'paused' END,
+           now() + make_interval(secs => $2)
+    FROM ev
+    JOIN endpoints e ON e.tenant = ev.tenant AND event_matches(e.event_types, ev.event_type)
+    ORDER BY ev.seq, e.id
+    ON CONFLICT (event_seq, endpoint_id) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM inserted) AS deliveries;
+
+-- name: claim
+-- Claim up to $1 due deliveries (or ones whose lease ran out), at most $5-per-endpoint free
+-- slots, skipping endpoints in $2 that have no free slot here. The claim bumps `attempts` (the
+-- fence every write-back names) and pushes next_attempt_at out by the lease ($6 seconds).
+-- A pending row whose endpoint was disabled meanwhile is parked as paused instead.
+WITH candidates AS MATERIALIZED (
+    SELECT d.id, d.endpoint_id, d.next_attempt_at
+    FROM deliveries d
+    WHERE d.status IN ('pending', 'delivering')
+      AND d.next_attempt_at <= now()
+      AND d.endpoint_id <> ALL ($2::bigint[])
+    ORDER BY d.next_attempt_at
+    LIMIT $1 * 2
+    FOR UPDATE SKIP LOCKED
+), quota AS (
+    SELECT q.endpoint_id, q.free FROM unnest($3::bigint[], $4::int[]) AS q (endpoint_id, free)
+), chosen AS (
+    SELECT r.id
+    FROM (SELECT c.id, c.endpoint_id, c.next_attempt_at,
+                 row_number() OVER (PARTITION BY c.endpoint_id
+                                    ORDER BY c.next_attempt_at, c.id) AS rank
+          FROM candidates c) AS r
+    JOIN endpoints e ON e.id = r.endpoint_id
+    LEFT JOIN quota q ON q.endpoint_id = r.endpoint_id
+    WHERE r.rank <= coalesce(q.free, least(coalesce(e.max_in_flight, $5), $1))
+       OR NOT e.enabled
+    ORDER BY r.next_attempt_at, r.id
+    LIMIT $1
+)
+UPDATE deliveries d
+SET status = CASE WHEN e.enabled THEN 'delivering' ELSE 'paused' END,
+    attempts = CASE WHEN e.enabled THEN d.attempts + 1 ELSE d.attempts END,
+    next_attempt_at = CASE WHEN e.enabled THEN now() + make_interval(secs => $6)
+                           ELSE d.next_attempt_at END,
+    last_attempt_at = CASE WHEN e.enabled THEN now() ELSE d.last_attempt_at END
+FROM chosen c, endpoints e, outbox o
+WHERE d.id = c.id AND e.id = d.endpoint_id AND o.seq = d.event_seq
+RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_version,
+          o.event_id, o.tenant, o.event_type, o.payload::text AS payload, o.occurred_at,
+          o.ordering_key;
+
+-- name: record_results
+-- Write back a batch of finished attempts, fenced on the claim: a row another process has
+-- re-claimed since (its lease ran out) keeps that process's state. Returns the rows written.
+UPDATE deliveries d
+SET status = CASE WHEN r.status = 'pending' AND NOT e.enabled THEN 'paused' ELSE r.status END,
+    next_attempt_at = CASE WHEN r.status = 'pending'
+                           THEN now() + make_interval(secs => r.delay)
+                           ELSE d.next_attempt_at END,
+    last_status_code = r.status_code,
+    last_error = r.error,
+    completed_at = CASE WHEN r.status IN ('succeeded', 'failed') THEN now() END
+FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[], $6::float8[])
+         AS r (id, attempt, status, status_code, error, delay),
+     endpoints e
+WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering'
+  AND e.id = d.endpoint_id
+RETURNING d.id, d.status, d.next_attempt_at;
+
+-- name: release_claims
+-- Hand claimed-but-unsent deliveries back (graceful stop): due now, the claim's attempt undone.
+UPDATE deliveries d
+SET status = 'pending', attempts = d.attempts - 1, next_attempt_at = now()
+FROM unnest($1::bigint[], $2::int[]) AS r (id, attempt)
+WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering';
+
+-- name: update_health
+-- Fold a batch's outcomes into each endpoint's failure streak. $2: a success was seen,
+-- $3: failures after the last success, $4: the injected clock's now.
+UPDATE endpoints e
+SET consecutive_failures = CASE WHEN r.succeeded THEN r.trailing_failures
+                                ELSE e.consecutive_failures + r.trailing_failures END,
+    failing_since = CASE WHEN r.trailing_failures = 0 THEN NULL
+                         WHEN r.succeeded OR e.failing_since IS NULL THEN $4::timestamptz
+                         ELSE e.failing_since END,
+    last_success_at = CASE WHEN r.succeeded THEN $4::timestamptz ELSE e.last_success_at END,
+    last_failure_at = CASE WHEN r.trailing_failures > 0 THEN $4::timestamptz
+                           ELSE e.last_failure_at END
+FROM unnest($1::bigint[], $2::bool[], $3::int[]) AS r (endpoint_id, succeeded, trailing_failures)
+WHERE e.id = r.endpoint_id
+  AND NOT (r.trailing_failures = 0 AND e.consecutive_failures = 0
+           AND e.last_success_at IS NOT NULL)
+RETURNING e.id, e.tenant, e.enabled, e.consecutive_failures, e.failing_since;
+
+-- name: disable_endpoints
+-- Disable endpoints and pause their pending deliveries; nothing is dropped.
+WITH disabled AS (
+    UPDATE endpoints e
+    SET enabled = false, disabled_reason = r.reason, disabled_by = $3,
+        disabled_at = $4::timestamptz
+    FROM unnest($1::bigint[], $2::text[]) AS r (id, reason)
+    WHERE e.id = r.id AND e.enabled
+    RETURNING e.id
+), paused AS (
+    UPDATE deliveries d SET status = 'paused'
+    WHERE d.endpoint_id IN (SELECT id FROM disabled) AND d.status = 'pending'
+    RETURNING 1
+)
+SELECT (SELECT array_agg(id) FROM disabled) AS disabled, (SELECT count(*) FROM paused) AS paused;
+
+-- name: enable_endpoint
+-- Re-enable an endpoint, clear its failing streak and make its paused deliveries due now.
+WITH enabled AS (
+    UPDATE endpoints
+    SET enabled = true, disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL,
+        consecutive_failures = 0, failing_since = NULL
+    WHERE id = $1
+    RETURNING id
+), resumed AS (
+    UPDATE deliveries d SET status = 'pending', next_attempt_at = now()
+    WHERE d.endpoint_id IN (SELECT id FROM enabled) AND d.status = 'paused'
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM enabled) AS found, (SELECT count(*) FROM resumed) AS resumed;
+
+-- name: seconds_until_due
+-- How long until the earliest pending delivery or lease is due (NULL: nothing queued).
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+FROM deliveries
+WHERE status IN ('pending', 'delivering');
+
+-- name: outbox_waiting
+SELECT EXISTS (SELECT 1 FROM outbox WHERE fanned_out_at IS NULL);
+
+-- name: set_listener_idle
+INSERT INTO listeners (replica, idle, seen_at) VALUES ($1, $2, now())
+ON CONFLICT (replica) DO UPDATE SET idle = excluded.idle, seen_at = excluded.seen_at;
+
+-- name: remove_listener
+DELETE FROM listeners WHERE replica = $1;
+
+-- name: remove_stale_listeners
+-- A replica that died while idle would make every insert notify; forget it after a while.
+DELETE FROM listeners WHERE seen_at < now() - make_interval(secs => $1);
+
+-- name: endpoints_by_id
+SELECT id, tenant, url, event_types, profile, signature_header, algorithm, encoding, signed,
+       prefix, timestamp_header, secret, old_secret, old_secret_expires_at, headers, ordered,
+       max_in_flight, timeout_ms, enabled, version
+FROM endpoints
+WHERE id = ANY ($1::bigint[]);
+
+-- name: insert_endpoint
+INSERT INTO endpoints (tenant, url, description, event_types, profile, signature_header,
+                       algorithm, encoding, signed, prefix, timestamp_header, secret, headers,
+                       ordered, max_in_flight, timeout_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+RETURNING id;
+
+-- name: list_endpoints
+-- For listings: every column but the secrets, which are shown as fingerprints by the caller.
+SELECT id, tenant, url, description, event_types, profile, signature_header, algorithm, encoding,
+       signed, prefix, timestamp_header, secret, old_secret, old_secret_expires_at, headers,
+       ordered, max_in_flight, timeout_ms, enabled, disabled_reason, disabled_at, disabled_by,
+       consecutive_failures, failing_since, last_success_at, last_failure_at, created_at,
+       updated_at,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending')
+           AS pending,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'paused')
+           AS paused
+FROM endpoints e
+WHERE ($1::text IS NULL OR tenant = $1)
+  AND ($2::bigint IS NULL OR id = $2)
+ORDER BY id;

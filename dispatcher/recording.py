@@ -1,0 +1,236 @@
+"""Recording results: finished attempts are buffered and written back in batches, one
+transaction per batch (delivery state, the attempt log via COPY, endpoint health)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import structlog
+
+from .claiming import Job
+from .clock import Clock
+from .config import DisableConfig
+from .db import Q
+from .health import over_limit, streaks
+from .retry import Decision
+from .sending import Outcome
+
+log = structlog.get_logger("dispatcher")
+
+ATTEMPT_COLUMNS = (
+    "delivery_id",
+    "event_id",
+    "endpoint_id",
+    "attempt",
+    "attempted_at",
+    "duration_ms",
+    "status_code",
+    "error",
+    "error_detail",
+    "response_excerpt",
+    "decision",
+    "next_attempt_at",
+)
+
+TRANSIENT_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One finished attempt and what the retry policy made of it."""
+
+    job: Job
+    outcome: Outcome
+    decision: Decision
+    attempted_at: datetime
+
+
+class ResultWriter:
+    """Buffers results and flushes them by size or after a short interval."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        disable: DisableConfig,
+        clock: Clock,
+        batch_size: int,
+        flush_interval: float,
+    ) -> None:
+        self._pool = pool
+        self.disable = disable
+        self._clock = clock
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._buffer: list[Result] = []
+        self._has_items = asyncio.Event()
+        self._full = asyncio.Event()
+        self.recorded = 0
+        self._lock = (
+            asyncio.Lock()
+        )  # the flusher and a shutdown drain must not write one batch twice
+
+    @property
+    def backlog(self) -> int:
+        return len(self._buffer)
+
+    def add(self, result: Result) -> None:
+        self._buffer.append(result)
+        self._has_items.set()
+        if len(self._buffer) >= self._batch_size:
+            self._full.set()
+
+    async def run(self) -> None:
+        """Flush forever; a database outage delays results, it does not lose them."""
+        failures = 0
+        while True:
+            await self._has_items.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self._flush_interval)
+            try:
+                await self.flush()
+                failures = 0
+            except TRANSIENT_DB_ERRORS as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "results_not_recorded",
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    pending_results=len(self._buffer),
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+
+    async def drain(self, deadline: float) -> int:
+        """Flush everything before `deadline` (monotonic); returns how many stayed unrecorded."""
+        while self._buffer and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self.flush(), max(0.1, deadline - time.monotonic()))
+            except (*TRANSIENT_DB_ERRORS, TimeoutError):
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return len(self._buffer)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._buffer:
+                batch = self._buffer[: self._batch_size]
+                await self._write(batch)
+                del self._buffer[: len(batch)]
+                self.recorded += len(batch)
+            self._has_items.clear()
+            self._full.clear()
+
+    async def _write(self, batch: list[Result]) -> None:
+        now = self._clock.now()
+        by_endpoint = streaks((r.job.endpoint_id, r.outcome.ok) for r in batch)
+        gone = {
+            r.job.endpoint_id: r.decision.disable_reason for r in batch if r.decision.disable_reason
+        }
+        async with self._pool.acquire() as conn, conn.transaction():
+            written = await conn.fetch(
+                Q["record_results"],
+                [r.job.delivery_id for r in batch],
+                [r.job.attempt for r in batch],
+                [r.decision.status for r in batch],
+                [r.outcome.status_code for r in batch],
+                [r.outcome.summary for r in batch],
+                [r.decision.delay for r in batch],
+            )
+            state = {row["id"]: (row["status"], row["next_attempt_at"]) for row in written}
+            await conn.copy_records_to_table(
+                "attempts",
+                records=[_attempt_record(r, state.get(r.job.delivery_id)) for r in batch],
+                columns=ATTEMPT_COLUMNS,
+            )
+            health = await conn.fetch(
+                Q["update_health"],
+                list(by_endpoint),
+                [s.succeeded for s in by_endpoint.values()],
+                [s.trailing_failures for s in by_endpoint.values()],
+                now,
+            )
+            to_disable = dict(over_limit(health, self.disable, now))
+            to_disable.update((eid, reason) for eid, reason in gone.items() if reason)
+            if to_disable:
+                row = await conn.fetchrow(
+                    Q["disable_endpoints"],
+                    list(to_disable),
+                    list(to_disable.values()),
+                    "dispatcher",
+                    now,
+                )
+                disabled = row["disabled"] if row else None
+            else:
+                disabled = None
+        _log_batch(batch, state)
+        for eid in disabled or []:
+            failures = [r.outcome.summary for r in batch if r.job.endpoint_id == eid][-3:]
+            log.error(
+                "endpoint_disabled",
+                endpoint_id=eid,
+                tenant=next(r.job.tenant for r in batch if r.job.endpoint_id == eid),
+                reason=to_disable[eid],
+                last_errors=failures,
+            )
+
+
+def _attempt_record(r: Result, state: tuple[str, datetime] | None) -> tuple[object, ...]:
+    if state is None:
+        decision, next_at = "superseded", None  # another claim owns the row now
+    else:
+        status, at = state
+        decision = "paused" if status == "paused" else r.decision.label
+        next_at = at if status == "pending" else None
+    o = r.outcome
+    return (
+        r.job.delivery_id,
+        r.job.event_id,
+        r.job.endpoint_id,
+        r.job.attempt,
+        r.attempted_at,
+        o.duration_ms,
+        o.status_code,
+        o.error,
+        o.detail,
+        o.excerpt,
+        decision,
+        next_at,
+    )
+
+
+def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:
+    for r in batch:
+        job, o = r.job, r.outcome
+        fields = {
+            "event_id": job.event_id,
+            "tenant": job.tenant,
+            "endpoint_id": job.endpoint_id,
+            "delivery_id": job.delivery_id,
+            "attempt": job.attempt,
+            "status_code": o.status_code,
+            "duration_ms": o.duration_ms,
+        }
+        if o.ok:
+            log.debug("delivery_succeeded", **fields)
+            continue
+        status, next_at = state.get(job.delivery_id, ("superseded", None))
+        if status == "failed":
+            log.error("delivery_failed", error=o.summary, **fields)
+        elif status == "paused":
+            log.warning(
+                "attempt_failed", error=o.summary, next_attempt_at=None, paused=True, **fields
+            )
+        else:
+            log.warning(
+                "attempt_failed",
+                error=o.summary,
+                next_attempt_at=next_at.isoformat() if next_at else None,
+                **fields,
+            )

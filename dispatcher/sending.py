@@ -1,0 +1,217 @@
+"""Delivery over HTTP: one shared aiohttp session, redirects never followed, bodies read to a cap,
+and every connection checked against the address policy at connect time (no SSRF)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+from aiohappyeyeballs import AddrInfoType
+
+from . import __version__
+
+USER_AGENT = f"loyalty-webhook-dispatcher/{__version__}"
+
+# Networks that are never a merchant's server, beyond what ipaddress calls non-global.
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+
+class BlockedAddressError(OSError):
+    """The destination resolved to an address the policy forbids."""
+
+
+def forbidden_address(text: str) -> str | None:
+    """Why an IP address may not be connected to under the default policy, or None."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    if ip in _METADATA:
+        return "cloud metadata address"
+    if ip.is_loopback:
+        return "loopback address"
+    if ip.is_link_local:
+        return "link-local address"
+    if ip.is_multicast:
+        return "multicast address"
+    if ip.is_unspecified:
+        return "unspecified address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
+        return "shared (CGNAT) address"
+    if ip.is_private or not ip.is_global:
+        return "private address"
+    return None
+
+
+def guarded_socket_factory(addr_info: AddrInfoType) -> socket.socket:
+    """Open a socket only for an allowed destination: the check sees the address really used."""
+    family, type_, proto, _, sockaddr = addr_info
+    why = forbidden_address(str(sockaddr[0]))
+    if why:
+        raise BlockedAddressError(f"blocked {why} {sockaddr[0]}")
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one HTTP attempt came to."""
+
+    status_code: int | None
+    error: str | None  # error class: timeout, dns_error, tls_error, connect_error, ...
+    detail: str | None
+    excerpt: str | None
+    duration_ms: int
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def summary(self) -> str | None:
+        """A short error line for deliveries.last_error (None on success)."""
+        if self.ok:
+            return None
+        if self.detail:
+            return f"{self.error}: {self.detail}"[:500]
+        return self.error
+
+
+class Sender:
+    """A bounded pool of connections shared by every delivery of this process."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        max_response_bytes: int,
+        excerpt_bytes: int,
+        allow_http: bool,
+        allow_private_networks: bool,
+        user_agent: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.max_response_bytes = max_response_bytes
+        self.excerpt_bytes = excerpt_bytes
+        self.allow_http = allow_http
+        self._connector = aiohttp.TCPConnector(
+            limit=concurrency,
+            limit_per_host=0,
+            ttl_dns_cache=10,
+            ssl=ssl_context if ssl_context is not None else True,
+            socket_factory=None if allow_private_networks else guarded_socket_factory,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=self._connector,
+            headers={"User-Agent": user_agent or USER_AGENT},
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def send(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Outcome:
+        """POST once; never raises for anything the network or the receiver does."""
+        started = time.perf_counter()
+
+        def done(
+            status: int | None,
+            error: str | None,
+            detail: str | None = None,
+            excerpt: str | None = None,
+            retry_after: float | None = None,
+        ) -> Outcome:
+            ms = int((time.perf_counter() - started) * 1000)
+            return Outcome(status, error, detail, excerpt, ms, retry_after)
+
+        if url.startswith("http://") and not self.allow_http:
+            return done(None, "blocked_address", "plain http is not allowed")
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                raw = await self._read_capped(resp)
+                excerpt = raw[: self.excerpt_bytes].decode("utf-8", "replace")
+                status = resp.status
+                if 200 <= status < 300:
+                    return done(status, None, None, excerpt)
+                if 300 <= status < 400:
+                    where = resp.headers.get("Location", "(no Location)")
+                    return done(status, "redirect", f"HTTP {status} to {where[:300]}", excerpt)
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                return done(status, "http_error", f"HTTP {status}", excerpt, retry_after)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return done(None, "timeout", f"no complete response within {timeout:g}s")
+        except aiohttp.ClientConnectorDNSError as exc:
+            return done(None, "dns_error", _first_line(exc.os_error))
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError) as exc:
+            return done(None, "tls_error", _first_line(exc))
+        except aiohttp.ClientConnectorError as exc:
+            if "blocked" in str(exc.os_error):
+                return done(None, "blocked_address", _first_line(exc.os_error))
+            return done(None, "connect_error", _first_line(exc.os_error))
+        except (aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
+            return done(None, "connection_reset", _first_line(exc))
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+            return done(None, "invalid_response", _first_line(exc))
+        except ssl.SSLError as exc:
+            return done(None, "tls_error", _first_line(exc))
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return done(None, "connect_error", _first_line(exc))
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Read the body up to the cap; beyond it drop the connection rather than drain it."""
+        chunks: list[bytes] = []
+        total = 0
+        while total < self.max_response_bytes:
+            chunk = await resp.content.read(self.max_response_bytes - total)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+        if not resp.content.at_eof():
+            resp.close()
+        return b"".join(chunks)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+async def close_quietly(sender: Sender) -> None:
+    """Close the session, letting in-progress TLS shutdowns end."""
+    await sender.close()
+    await asyncio.sleep(0)
