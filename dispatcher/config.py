@@ -233,8 +233,8 @@ def _validate(c: Config) -> None:
         raise bad("[delivery] per_endpoint_concurrency", "must be between 1 and concurrency")
     if not 0 < d.timeout <= 300:
         raise bad("[delivery] timeout", "must be between 1ms and 5m")
-    if d.lease < 2 * d.timeout + 5:
-        raise bad("[delivery] lease", "must be at least twice the timeout plus 5s")
+    if d.lease < max(1.0, 2 * d.timeout):
+        raise bad("[delivery] lease", "must be at least twice the timeout (and at least 1s)")
     if not 1 <= d.batch_size <= 10000:
         raise bad("[delivery] batch_size", "must be between 1 and 10000")
     if d.max_response_bytes < d.response_excerpt_bytes:

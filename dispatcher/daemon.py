@@ -61,6 +61,9 @@ class Dispatcher:
         self._in_flight: dict[int, int] = defaultdict(int)
         self._running_jobs: dict[asyncio.Task[None], Job] = {}
         self._endpoints: dict[int, Endpoint] = {}
+        # Endpoints this process saw answer 410, by config version, until the disable is
+        # recorded and the version moves on: nothing more is sent to them meanwhile.
+        self._gone: dict[int, int] = {}
         self.listener = Listener(
             config.database, f"{config.database.schema}.outbox", self._wake.set
         )
@@ -235,10 +238,14 @@ class Dispatcher:
                 return
             for row in rows:
                 self._endpoints[row["id"]] = Endpoint.from_row(row)
+        held_back = [j for j in jobs if self._gone.get(j.endpoint_id) == j.endpoint_version]
+        if held_back:
+            with contextlib.suppress(*TRANSIENT_DB_ERRORS):
+                await claiming.release(self.pool, held_back)
         for job in jobs:
             endpoint = self._endpoints.get(job.endpoint_id)
-            if endpoint is None:
-                continue  # deleted meanwhile; its deliveries went with it
+            if endpoint is None or self._gone.get(job.endpoint_id) == job.endpoint_version:
+                continue  # deleted meanwhile (its deliveries went with it), or gone (released)
             self._in_flight[job.endpoint_id] += 1
             task = asyncio.create_task(self._deliver(job, endpoint))
             self._tasks.add(task)
@@ -280,6 +287,8 @@ class Dispatcher:
             )
             outcome = await self.sender.send(endpoint.url, body, headers, timeout)
         decision = self.policy.decide(outcome, job.attempt)
+        if decision.disable_reason:
+            self._gone[job.endpoint_id] = job.endpoint_version
         self.writer.add(Result(job, outcome, decision, attempted_at))
         self.sent += 1
 

@@ -381,15 +381,12 @@ class EphemeralPostgres:
         deadline = time.monotonic() + self.timeout
         argv: list[str | Path] = [pg_bin("pg_ctl"), "stop", "-D", self._data(), "-m", mode]
         argv += ["-w", "-s", "-t", str(max(1, int(self.timeout)))]
-        proc = self._run(
-            argv,
-            timeout=self.timeout + 10,
-            as_server=True,
-        )
+        proc = self._run(argv, timeout=self.timeout + 10, as_server=True)
         if proc.returncode != 0 and self.is_running():
             raise ClusterError(f"pg_ctl stop -m {mode} failed: {proc.stdout.strip()}")
-        if _wait_gone([pid], deadline):
-            raise ClusterError(f"postmaster {pid} still alive {self.timeout}s after stop")
+        # pg_ctl returns once postmaster.pid is gone, a moment before the process exits.
+        if _wait_gone([pid], max(deadline, time.monotonic() + 5)):
+            raise ClusterError(f"postmaster {pid} still alive after pg_ctl stop -m {mode}")
 
     def restart(self) -> None:
         self.stop("fast")

@@ -16,10 +16,11 @@ async def test_inserted_events_arrive_signed_at_the_subscribed_endpoint(
     await daemon_factory()
     ids = await db.insert_events(20)
     await wait_until(lambda: len(receiver.requests) >= 20, message="20 deliveries")
-    await wait_until(
-        lambda: db.count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'"),
-        message="results recorded",
-    )
+
+    async def recorded() -> bool:
+        return await db.count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'") == 20
+
+    await wait_until(recorded, message="results recorded")
     assert sorted(receiver.event_ids()) == sorted(ids)
     wh = standardwebhooks.Webhook(secret)
     for r in receiver.requests:
