@@ -10,7 +10,6 @@ from dataclasses import replace
 from aiohttp import web
 
 from dispatcher.db import Q
-
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
 Factory = Callable[..., Awaitable[Receiver]]
@@ -97,9 +96,15 @@ async def test_delivery_is_failed_after_the_last_scheduled_attempt(
     await db.insert_events(1)
     await wait_until(lambda: settled(db, 1), message="delivery failed")
     row = await db.conn.fetchrow("SELECT status, attempts, last_error FROM deliveries")
-    assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 4, "http_error: HTTP 500")
+    assert (row["status"], row["attempts"], row["last_error"]) == (
+        "failed",
+        4,
+        "http_error: HTTP 500",
+    )
     assert len(r.requests) == 4
-    excerpts = await db.conn.fetch("SELECT response_excerpt, decision FROM attempts ORDER BY attempt")
+    excerpts = await db.conn.fetch(
+        "SELECT response_excerpt, decision FROM attempts ORDER BY attempt"
+    )
     assert [e["response_excerpt"] for e in excerpts] == ["boom"] * 4
     assert excerpts[-1]["decision"] == "failed"
 
@@ -190,12 +195,11 @@ async def test_refused_connections_and_blocked_addresses_are_recorded_failures(
 ) -> None:
     await db.add_endpoint("http://127.0.0.1:9/refused", tenant="refused")
     await db.add_endpoint(receiver.url, tenant="private")
-    strict = replace(
-        db.config, security=replace(db.config.security, allow_private_networks=False)
-    )
+    strict = replace(db.config, security=replace(db.config.security, allow_private_networks=False))
     await daemon_factory(strict)
     await db.insert_events(1, tenant="refused")
     await db.insert_events(1, tenant="private")
+
     async def both_recorded() -> bool:
         return await db.count("SELECT count(DISTINCT endpoint_id) FROM attempts") == 2
 
