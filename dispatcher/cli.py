@@ -18,6 +18,7 @@ import asyncpg
 
 from . import __version__, logs
 from .config import Config, ConfigError, format_duration, load_config, parse_duration
+from .daemon import StartupError
 from .db import DatabaseError, Q, connect, migrate
 from .endpoints import (
     InvalidEndpoint,
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(config.log.format, config.log.level)
         handler = _HANDLERS[(args.command, getattr(args, "action", None))]
         return handler(args, config)
-    except (ConfigError, DatabaseError, CliError, InvalidEndpoint) as exc:
+    except (ConfigError, DatabaseError, CliError, InvalidEndpoint, StartupError) as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from .db import DatabaseError, Executor, Q, check_schema, create_pool
 from .endpoints import Endpoint
 from .envelope import render_body
 from .listener import Listener
+from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
 from .retry import RetryPolicy
 from .sending import Outcome, Sender
@@ -36,6 +37,10 @@ log = structlog.get_logger("dispatcher")
 # Below this many new events per fan-out the pump counts as idle and asks to be notified.
 BUSY_EVENTS = 8
 STALE_LISTENER_AFTER = 600.0
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (e.g. its HTTP address is taken); one line for the operator."""
 
 
 class Dispatcher:
@@ -64,14 +69,27 @@ class Dispatcher:
         # Endpoints this process saw answer 410, by config version, until the disable is
         # recorded and the version moves on: nothing more is sent to them meanwhile.
         self._gone: dict[int, int] = {}
+        self.metrics = Metrics()
         self.listener = Listener(
-            config.database, f"{config.database.schema}.outbox", self._wake.set
+            config.database,
+            f"{config.database.schema}.outbox",
+            self._wake.set,
+            on_reconnect=self.metrics.listener_reconnects.inc,
         )
-        self.sent = 0
+        self.database_ok = False
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def not_ready(self) -> list[str]:
+        """Which readiness checks fail (empty: ready)."""
+        failed = []
+        if not self.database_ok:
+            failed.append("database unreachable")
+        if not self.listener.connected:
+            failed.append("listener not connected")
+        return failed
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT stop gracefully; a second one stops at once."""
@@ -109,7 +127,15 @@ class Dispatcher:
                 clock=self.clock,
                 batch_size=d.batch_size,
                 flush_interval=d.flush_interval,
+                metrics=self.metrics,
             )
+            try:
+                http = await start_http(cfg.http.listen, self.metrics, self.not_ready)
+            except OSError as exc:
+                await self.sender.close()
+                raise StartupError(
+                    f"cannot serve [http] listen {cfg.http.listen}: {exc.strerror}"
+                ) from None
             side_tasks = [
                 asyncio.create_task(self.listener.run(), name="listener"),
                 asyncio.create_task(self.writer.run(), name="writer"),
@@ -130,6 +156,8 @@ class Dispatcher:
                     t.cancel()
                 await asyncio.gather(*side_tasks, return_exceptions=True)
                 await self.sender.close()
+                if http is not None:
+                    await http.cleanup()
         finally:
             with contextlib.suppress(*TRANSIENT_DB_ERRORS):
                 await asyncio.wait_for(self.pool.execute(Q["remove_listener"], self.replica), 2)
@@ -164,8 +192,10 @@ class Dispatcher:
                         more = True
                     wait_for = 0.0 if more else await self._seconds_until_due(conn)
                 db_failures = 0
+                self.database_ok = True
             except TRANSIENT_DB_ERRORS as exc:
                 db_failures += 1
+                self.database_ok = False
                 wait_for = min(5.0, 0.05 * 2**db_failures) * random.uniform(0.5, 1.0)
                 log.warning(
                     "database_unavailable",
@@ -191,13 +221,9 @@ class Dispatcher:
         for eid, n in self._in_flight.items():
             cap = self._endpoint_cap(eid)
             per_endpoint[eid] = cap - n
-        jobs = await claiming.claim(
-            conn,
-            free,
-            per_endpoint,
-            d.per_endpoint_concurrency,
-            d.lease,
-        )
+        jobs = await claiming.claim(conn, free, per_endpoint, d.per_endpoint_concurrency, d.lease)
+        if jobs:
+            self.metrics.claim_batch.observe(len(jobs))
         starved = len(jobs) >= free or any(v <= 0 for v in per_endpoint.values())
         return jobs, starved
 
@@ -251,6 +277,7 @@ class Dispatcher:
             self._tasks.add(task)
             self._running_jobs[task] = job
             task.add_done_callback(self._finished)
+        self.metrics.in_flight.set(len(self._tasks))
 
     def _needs_refresh(self, job: Job) -> bool:
         ep = self._endpoints.get(job.endpoint_id)
@@ -263,6 +290,7 @@ class Dispatcher:
         if self._in_flight[job.endpoint_id] <= 0:
             del self._in_flight[job.endpoint_id]
         self._slot_freed.set()
+        self.metrics.in_flight.set(len(self._tasks))
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery_crashed", delivery_id=job.delivery_id, error=repr(task.exception()))
 
@@ -287,10 +315,11 @@ class Dispatcher:
             )
             outcome = await self.sender.send(endpoint.url, body, headers, timeout)
         decision = self.policy.decide(outcome, job.attempt)
+        self.metrics.attempts.labels("success" if outcome.ok else outcome.error or "error").inc()
+        self.metrics.attempt_seconds.observe(outcome.duration_ms / 1000)
         if decision.disable_reason:
             self._gone[job.endpoint_id] = job.endpoint_version
         self.writer.add(Result(job, outcome, decision, attempted_at))
-        self.sent += 1
 
     # Stopping -------------------------------------------------------------------------------
 

@@ -27,10 +27,17 @@ _RECONNECTABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Timeou
 class Listener:
     """Keeps one connection LISTENing on `channel` and calls `wake` on every notification."""
 
-    def __init__(self, config: DatabaseConfig, channel: str, wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        channel: str,
+        wake: Callable[[], None],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self._config = config
         self.channel = channel
         self._wake = wake
+        self._on_reconnect = on_reconnect
         self.connected = False
         self.reconnects = 0
 
@@ -46,6 +53,8 @@ class Listener:
             with attempt:
                 if not first:
                     self.reconnects += 1
+                    if self._on_reconnect:
+                        self._on_reconnect()
                 first = False
                 await self._listen_once()
 

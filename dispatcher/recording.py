@@ -18,6 +18,7 @@ from .clock import Clock
 from .config import DisableConfig
 from .db import Q
 from .health import over_limit, streaks
+from .metrics import Metrics
 from .retry import Decision
 from .sending import Outcome
 
@@ -62,8 +63,10 @@ class ResultWriter:
         clock: Clock,
         batch_size: int,
         flush_interval: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
+        self._metrics = metrics or Metrics()
         self.disable = disable
         self._clock = clock
         self._batch_size = batch_size
@@ -170,6 +173,12 @@ class ResultWriter:
             else:
                 disabled = None
         _log_batch(batch, state)
+        m = self._metrics
+        m.write_batch.observe(len(batch))
+        for status, _ in state.values():
+            if status in ("succeeded", "failed"):
+                m.deliveries.labels(status).inc()
+        m.endpoints_disabled.inc(len(disabled or []))
         for eid in disabled or []:
             failures = [r.outcome.summary for r in batch if r.job.endpoint_id == eid][-3:]
             log.error(

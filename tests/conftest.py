@@ -22,6 +22,7 @@ from dispatcher.config import (
     Config,
     DatabaseConfig,
     DeliveryConfig,
+    HttpConfig,
     RetryConfig,
     SecurityConfig,
 )
@@ -78,6 +79,7 @@ def make_config(dsn: str, schema: str, **delivery: Any) -> Config:
         ),
         retry=RetryConfig(schedule=(0.0, 0.05, 0.1, 0.15), jitter=0.0, retry_after_max=5.0),
         security=SecurityConfig(allow_http=True, allow_private_networks=True),
+        http=HttpConfig(listen=""),
     )
 
 
