@@ -35,7 +35,7 @@ logs.configure("console", os.environ.get("DISPATCHER_TEST_LOG_LEVEL", "warning")
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    condition: Callable[[], Awaitable[object]] | Callable[[], object],
     timeout: float = 10.0,
     message: str = "condition",
 ) -> None:
@@ -142,6 +142,12 @@ class Db:
     async def statuses(self) -> dict[str, int]:
         rows = await self.conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY 1")
         return {r["status"]: r["n"] for r in rows}
+
+    async def row(self, sql: str, *args: Any) -> asyncpg.Record:
+        """The one row a query must return."""
+        found = await self.conn.fetchrow(sql, *args)
+        assert found is not None, sql
+        return found
 
     async def count(self, sql: str, *args: Any) -> int:
         return int(await self.conn.fetchval(sql, *args))

@@ -80,7 +80,7 @@ async def test_retries_resend_identical_bytes_and_id_on_the_configured_schedule(
         (3, 500, "retry"),
         (4, 200, "succeeded"),
     ]
-    row = await db.conn.fetchrow("SELECT status, attempts, last_status_code FROM deliveries")
+    row = await db.row("SELECT status, attempts, last_status_code FROM deliveries")
     assert tuple(row) == ("succeeded", 4, 200)
 
 
@@ -95,7 +95,7 @@ async def test_delivery_is_failed_after_the_last_scheduled_attempt(
     await daemon_factory()
     await db.insert_events(1)
     await wait_until(lambda: settled(db, 1), message="delivery failed")
-    row = await db.conn.fetchrow("SELECT status, attempts, last_error FROM deliveries")
+    row = await db.row("SELECT status, attempts, last_error FROM deliveries")
     assert (row["status"], row["attempts"], row["last_error"]) == (
         "failed",
         4,
@@ -140,7 +140,7 @@ async def test_410_disables_the_endpoint_and_pauses_its_deliveries_until_enabled
     await daemon_factory()
     await db.insert_events(5)
     await wait_until(lambda: settled(db, 5), message="deliveries paused")
-    endpoint = await db.conn.fetchrow("SELECT enabled, disabled_reason FROM endpoints")
+    endpoint = await db.row("SELECT enabled, disabled_reason FROM endpoints")
     assert (endpoint["enabled"], endpoint["disabled_reason"]) == (False, "410 Gone")
     assert await db.statuses() == {"paused": 5}
     assert len(r.requests) == 1
@@ -204,11 +204,10 @@ async def test_refused_connections_and_blocked_addresses_are_recorded_failures(
         return await db.count("SELECT count(DISTINCT endpoint_id) FROM attempts") == 2
 
     await wait_until(both_recorded, message="both attempts recorded")
-    errors = dict(
-        await db.conn.fetch(
-            "SELECT e.tenant, a.error FROM attempts a JOIN endpoints e ON e.id = a.endpoint_id"
-        )
+    rows = await db.conn.fetch(
+        "SELECT e.tenant, a.error FROM attempts a JOIN endpoints e ON e.id = a.endpoint_id"
     )
+    errors = {row["tenant"]: row["error"] for row in rows}
     assert errors == {"refused": "blocked_address", "private": "blocked_address"}
     assert receiver.requests == []
 
