@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 
 import standardwebhooks
+import stripe
 
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
@@ -27,3 +31,38 @@ async def test_inserted_events_arrive_signed_at_the_subscribed_endpoint(
         payload = wh.verify(r.body, r.headers)
         assert payload["type"] == "points.earned"
         assert payload["tenant"] == "shop-1"
+
+
+async def test_every_signing_profile_arrives_verifiable_by_the_receivers_own_recipe(
+    db: Db,
+    receiver_factory: Callable[..., Awaitable[Receiver]],
+    daemon_factory: Callable[..., Awaitable[RunningDaemon]],
+) -> None:
+    stripe_r, github_r, shopify_r, cg_r = [await receiver_factory() for _ in range(4)]
+    secret = "a-merchant-chosen-secret-1234"
+    await db.add_endpoint(
+        stripe_r.url, profile="stripe", secret=secret, signature_header="X-Loyali-Signature"
+    )
+    await db.add_endpoint(github_r.url, profile="github", secret=secret)
+    await db.add_endpoint(
+        shopify_r.url, profile="shopify", secret=secret, signature_header="X-Glow-Hmac-Sha256"
+    )
+    await db.add_endpoint(
+        cg_r.url, profile="hmac", secret=secret, algorithm="sha1", signature_header="X-CG-SIGNATURE"
+    )
+    await daemon_factory()
+    await db.insert_events(3)
+    receivers = (stripe_r, github_r, shopify_r, cg_r)
+    await wait_until(lambda: all(len(r.requests) == 3 for r in receivers), message="deliveries")
+    key = secret.encode()
+    for req in stripe_r.requests:
+        header = req.headers["X-Loyali-Signature"]
+        stripe.WebhookSignature.verify_header(req.body.decode(), header, secret, tolerance=300)
+    for req in github_r.requests:
+        digest = hmac.new(key, req.body, hashlib.sha256).hexdigest()
+        assert req.headers["X-Hub-Signature-256"] == f"sha256={digest}"
+    for req in shopify_r.requests:
+        digest = base64.b64encode(hmac.new(key, req.body, hashlib.sha256).digest()).decode()
+        assert req.headers["X-Glow-Hmac-Sha256"] == digest
+    for req in cg_r.requests:
+        assert req.headers["X-CG-SIGNATURE"] == hmac.new(key, req.body, hashlib.sha1).hexdigest()
