@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 import asyncpg
 
 from . import __version__, logs
+from .addresses import forbidden_address
 from .config import Config, ConfigError, format_duration, load_config, parse_duration
-from .daemon import StartupError
 from .db import DatabaseError, Q, connect, migrate
 from .endpoints import (
     InvalidEndpoint,
@@ -27,7 +27,7 @@ from .endpoints import (
     validate_profile,
     validate_url,
 )
-from .sending import forbidden_address
+from .errors import StartupError
 from .signing import (
     PROFILES,
     SigningError,
@@ -47,7 +47,8 @@ class CliError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # Always the same prefix, whichever sub-command's parser found the problem.
+        self.exit(EXIT_USAGE, f"dispatcher: error: {message} (see {self.prog} --help)\n")
 
 
 def _duration(text: str) -> float:
@@ -174,10 +175,12 @@ async def _guard(coro: Awaitable[int]) -> int:
 
 
 def _pg_message(exc: asyncpg.PostgresError) -> str:
+    # The message only: PostgreSQL's DETAIL may quote the whole row, secrets included.
+    message = str(getattr(exc, "message", "") or type(exc).__name__).splitlines()[0]
     constraint = getattr(exc, "constraint_name", None)
     if constraint:
-        return f"refused by the database: constraint {constraint} ({exc})"
-    return f"database: {exc}"
+        return f"refused by the database: constraint {constraint} ({message})"
+    return f"database: {message}"
 
 
 # run / migrate ------------------------------------------------------------------------------
@@ -332,7 +335,11 @@ def cmd_endpoint_update(args: argparse.Namespace, config: Config) -> int:
                         " rotate it after changing the profile"
                     ) from None
             headers = dict(json.loads(row["headers"]))
-            headers.update(dict(args.header or []))
+            for name, value in args.header or []:
+                # Header names are case-insensitive: a new value replaces the old one.
+                for old in [k for k in headers if k.lower() == name.lower()]:
+                    del headers[old]
+                headers[name] = value
             changes: dict[str, Any] = {
                 "profile": profile.kind,
                 "signature_header": profile.header,
@@ -454,6 +461,7 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
         "events": list(row["event_types"]),
         "profile": row["profile"],
         "enabled": row["enabled"],
+        "secret_fingerprint": fingerprint(row["secret"]),
         "consecutive_failures": row["consecutive_failures"],
         "pending": row["pending"],
         "paused": row["paused"],
@@ -467,7 +475,6 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
             signed=row["signed"],
             prefix=row["prefix"],
             timestamp_header=row["timestamp_header"],
-            secret_fingerprint=fingerprint(row["secret"]),
             old_secret_fingerprint=fingerprint(row["old_secret"]) if row["old_secret"] else None,
             old_secret_expires_at=row["old_secret_expires_at"],
             headers=json.loads(row["headers"]),

@@ -6,16 +6,19 @@ names the key and where it came from, so the CLI can print one line and exit non
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_DECIMAL = {unit: Decimal(str(v)) for unit, v in _UNIT_SECONDS.items()}
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -30,7 +33,11 @@ def parse_duration(text: str) -> float:
         raise ValueError(
             f"{text!r} is not a duration (use a number and a unit: 250ms, 5s, 30m, 2h)"
         )
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    # Decimal arithmetic, so "9ms" is exactly 0.009 and formats back to "9ms".
+    seconds = float(Decimal(m.group(1)) * _UNIT_DECIMAL[m.group(2)])
+    if not math.isfinite(seconds) or seconds > 10 * 365 * 86400:
+        raise ValueError(f"{text!r} is longer than ten years")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -159,7 +166,15 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw[section][key] = (value, f"environment variable {name}")
     built = {section: _build_section(section, raw[section]) for section in _SECTIONS}
     config = Config(**built)
-    _validate(config)
+    sources = {f"[{sec}] {key}": src for sec, keys in raw.items() for key, (_, src) in keys.items()}
+    try:
+        _validate(config)
+    except _Invalid as exc:
+        # A rule between two keys names every place either was set.
+        where = list(dict.fromkeys(sources[k] for k in exc.keys if k in sources))
+        raise ConfigError(
+            f"{', '.join(where) or 'the defaults'}: {exc.keys[0]}: {exc.why}"
+        ) from None
     return config
 
 
@@ -186,9 +201,9 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
             raise ValueError("must be a non-empty list of durations")
         return tuple(parse_duration(str(v)) for v in items)
     if (section, key) in _DURATIONS:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError('must be a duration string such as "5s"')
-        return parse_duration(value) if isinstance(value, str) else float(value)
+        if not isinstance(value, str):
+            raise ValueError('must be a duration string with a unit, such as "5s"')
+        return parse_duration(value)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -216,29 +231,48 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+class _Invalid(Exception):
+    def __init__(self, keys: tuple[str, ...], why: str) -> None:
+        self.keys, self.why = keys, why
+
+
 def _validate(c: Config) -> None:
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"config: {key}: {why}")
+    def bad(key: str, why: str, *related: str) -> _Invalid:
+        return _Invalid((key, *related), why)
 
     if not c.database.dsn.startswith(("postgresql://", "postgres://")):
         raise bad("[database] dsn", "must be a postgresql:// URL")
     if not _IDENT.match(c.database.schema):
         raise bad("[database] schema", "must be a lower-case SQL identifier")
+    if not 0 < c.database.connect_timeout <= 300:
+        raise bad("[database] connect_timeout", "must be between 1ms and 5m")
     if not 2 <= c.database.pool_size <= 100:
         raise bad("[database] pool_size", "must be between 2 and 100")
     d = c.delivery
     if not 1 <= d.concurrency <= 10000:
         raise bad("[delivery] concurrency", "must be between 1 and 10000")
     if not 1 <= d.per_endpoint_concurrency <= d.concurrency:
-        raise bad("[delivery] per_endpoint_concurrency", "must be between 1 and concurrency")
+        raise bad(
+            "[delivery] per_endpoint_concurrency",
+            "must be between 1 and concurrency",
+            "[delivery] concurrency",
+        )
     if not 0 < d.timeout <= 300:
         raise bad("[delivery] timeout", "must be between 1ms and 5m")
     if d.lease < max(1.0, 2 * d.timeout):
-        raise bad("[delivery] lease", "must be at least twice the timeout (and at least 1s)")
+        raise bad(
+            "[delivery] lease",
+            "must be at least twice the timeout (and at least 1s)",
+            "[delivery] timeout",
+        )
     if not 1 <= d.batch_size <= 10000:
         raise bad("[delivery] batch_size", "must be between 1 and 10000")
     if d.max_response_bytes < d.response_excerpt_bytes:
-        raise bad("[delivery] max_response_bytes", "must be at least response_excerpt_bytes")
+        raise bad(
+            "[delivery] max_response_bytes",
+            "must be at least response_excerpt_bytes",
+            "[delivery] response_excerpt_bytes",
+        )
     if not 0 < d.poll_interval <= 60:
         raise bad("[delivery] poll_interval", "must be between 1ms and 60s")
     if not 0 < d.flush_interval <= 5:

@@ -25,6 +25,7 @@ from .config import Config
 from .db import DatabaseError, Executor, Q, check_schema, create_pool
 from .endpoints import Endpoint
 from .envelope import render_body
+from .errors import StartupError
 from .listener import Listener
 from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
@@ -37,10 +38,6 @@ log = structlog.get_logger("dispatcher")
 # Below this many new events per fan-out the pump counts as idle and asks to be notified.
 BUSY_EVENTS = 8
 STALE_LISTENER_AFTER = 600.0
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start (e.g. its HTTP address is taken); one line for the operator."""
 
 
 class Dispatcher:
@@ -128,6 +125,7 @@ class Dispatcher:
                 batch_size=d.batch_size,
                 flush_interval=d.flush_interval,
                 metrics=self.metrics,
+                on_retry_recorded=self._wake.set,
             )
             try:
                 http = await start_http(cfg.http.listen, self.metrics, self.not_ready)

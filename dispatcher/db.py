@@ -59,15 +59,23 @@ def describe_connect_error(config: DatabaseConfig, exc: BaseException) -> str:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced, for logs and error lines."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", dsn)
 
 
-async def connect(config: DatabaseConfig) -> asyncpg.Connection:
-    """One connection, or DatabaseError with a clear line."""
+async def connect(config: DatabaseConfig, *, check: bool = True) -> asyncpg.Connection:
+    """One connection to a migrated schema (unless `check` is off), or a clear DatabaseError."""
     try:
-        return await asyncpg.connect(**connect_kwargs(config))
+        conn: asyncpg.Connection = await asyncpg.connect(**connect_kwargs(config))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(describe_connect_error(config, exc)) from None
+    if check:
+        try:
+            await check_schema(conn)
+        except BaseException:
+            await conn.close()
+            raise
+    return conn
 
 
 async def create_pool(config: DatabaseConfig, **kwargs: Any) -> asyncpg.Pool:
@@ -102,7 +110,7 @@ def migrations() -> list[Migration]:
 
 async def migrate(config: DatabaseConfig) -> list[str]:
     """Apply every migration not yet recorded; safe to run twice and from two hosts at once."""
-    conn = await connect(config)
+    conn = await connect(config, check=False)
     schema = config.schema
     applied: list[str] = []
     try:

@@ -131,7 +131,11 @@ def validate_event_patterns(patterns: Sequence[str]) -> list[str]:
 def validate_headers(headers: Mapping[str, str], profile: SigningProfile) -> dict[str, str]:
     """Extra headers: valid names, no CR/LF, none that would override signing or our own."""
     owned = RESERVED_HEADERS | profile.signature_header_names()
+    seen: set[str] = set()
     for name, value in headers.items():
+        if name.lower() in seen:
+            raise InvalidEndpoint(f"header: {name.lower()} is given twice")
+        seen.add(name.lower())
         if not _HEADER_NAME.match(name):
             raise InvalidEndpoint(f"header: {name!r} is not a valid header name")
         if name.lower() in owned:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,8 +65,12 @@ class ResultWriter:
         batch_size: int,
         flush_interval: float,
         metrics: Metrics | None = None,
+        on_retry_recorded: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
+        # The pump sleeps until the earliest due time it knows; a retry recorded after it went
+        # to sleep may be due sooner, so it must be told.
+        self._on_retry_recorded = on_retry_recorded
         self._metrics = metrics or Metrics()
         self.disable = disable
         self._clock = clock
@@ -173,6 +178,8 @@ class ResultWriter:
             else:
                 disabled = None
         _log_batch(batch, state)
+        if self._on_retry_recorded and any(st == "pending" for st, _ in state.values()):
+            self._on_retry_recorded()
         m = self._metrics
         m.write_batch.observe(len(batch))
         for status, _ in state.values():

@@ -60,7 +60,8 @@ async def test_retries_resend_identical_bytes_and_id_on_the_configured_schedule(
 
     r = await receiver_factory(fail_three_times)
     await db.add_endpoint(r.url)
-    await daemon_factory()
+    # A poll far longer than the test's deadline: retries must fire when due, not when polled.
+    await daemon_factory(replace(db.config, delivery=replace(db.config.delivery, poll_interval=60)))
     (event_id,) = await db.insert_events(1)
     await wait_until(lambda: settled(db, 1), message="delivery settled")
 

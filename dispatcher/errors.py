@@ -1,0 +1,5 @@
+"""Failures an operator sees as one line on stderr and a non-zero exit."""
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (e.g. its HTTP address is taken)."""

@@ -1,0 +1,342 @@
+"""Migrations: the contract's tables and columns, safe reruns, constraints, the wake-up NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dispatcher.config import DatabaseConfig
+from dispatcher.db import check_schema, connect_kwargs, migrate, migrations
+from tests.conftest import Db, wait_until
+
+# SPEC section 1: the names the backend relies on (more columns may exist).
+CONTRACT: dict[str, set[str]] = {
+    "outbox": {"tenant", "event_type", "payload", "event_id", "ordering_key", "occurred_at"},
+    "endpoints": {
+        "id",
+        "tenant",
+        "url",
+        "enabled",
+        "consecutive_failures",
+        "failing_since",
+        "disabled_reason",
+    },
+    "deliveries": {
+        "event_id",
+        "endpoint_id",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "last_error",
+    },
+    "attempts": {"event_id", "endpoint_id", "attempted_at", "duration_ms", "status_code", "error"},
+}
+
+
+@pytest.fixture
+async def fresh(pg_dsn: str) -> AsyncIterator[DatabaseConfig]:
+    """Settings for a schema that does not exist yet; dropped (with anything in it) afterwards."""
+    config = DatabaseConfig(dsn=pg_dsn, schema=f"m_{uuid.uuid4().hex[:12]}")
+    yield config
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{config.schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def columns(conn: asyncpg.Connection, schema: str, table: str) -> dict[str, dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT column_name, data_type, is_nullable, column_default"
+        " FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+        schema,
+        table,
+    )
+    return {r["column_name"]: dict(r) for r in rows}
+
+
+# Creating and upgrading -------------------------------------------------------------------------
+
+
+async def test_migrate_creates_the_contract_tables_with_the_contract_columns(
+    fresh: DatabaseConfig,
+) -> None:
+    await migrate(fresh)
+    conn = await asyncpg.connect(fresh.dsn)
+    try:
+        for table, names in CONTRACT.items():
+            have = await columns(conn, fresh.schema, table)
+            assert names <= set(have), f"{table} lacks {names - set(have)}"
+        outbox = await columns(conn, fresh.schema, "outbox")
+    finally:
+        await conn.close()
+    types = {name: col["data_type"] for name, col in outbox.items()}
+    assert types["tenant"] == "text"
+    assert types["event_type"] == "text"
+    assert types["payload"] == "jsonb"
+    assert types["event_id"] == "text"
+    assert types["ordering_key"] == "text"
+    assert types["occurred_at"] == "timestamp with time zone"
+    # Required columns refuse NULL; optional ones have a default or allow NULL.
+    for required in ("tenant", "event_type", "payload"):
+        assert outbox[required]["is_nullable"] == "NO"
+        assert outbox[required]["column_default"] is None
+    assert outbox["event_id"]["column_default"] is not None
+    assert "now()" in outbox["occurred_at"]["column_default"]
+    assert outbox["ordering_key"]["is_nullable"] == "YES"
+
+
+async def test_migrate_returns_the_names_it_applied_and_records_them(
+    fresh: DatabaseConfig,
+) -> None:
+    applied = await migrate(fresh)
+    assert applied == [m.name for m in migrations()]
+    assert applied[0] == "001_init"
+    conn = await asyncpg.connect(**connect_kwargs(fresh))
+    try:
+        await check_schema(conn)
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    finally:
+        await conn.close()
+    assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in migrations()]
+
+
+async def test_running_migrate_twice_applies_nothing_the_second_time(
+    fresh: DatabaseConfig,
+) -> None:
+    assert await migrate(fresh)
+    assert await migrate(fresh) == []
+    conn = await asyncpg.connect(**connect_kwargs(fresh))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(migrations())
+    finally:
+        await conn.close()
+
+
+async def test_two_concurrent_migrations_both_succeed_and_each_step_is_recorded_once(
+    fresh: DatabaseConfig,
+) -> None:
+    first, second = await asyncio.gather(migrate(fresh), migrate(fresh))
+    names = [m.name for m in migrations()]
+    assert sorted(first + second) == sorted(names)
+    conn = await asyncpg.connect(**connect_kwargs(fresh))
+    try:
+        rows = await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")
+        await check_schema(conn)
+    finally:
+        await conn.close()
+    assert [r["name"] for r in rows] == names
+
+
+async def test_the_backend_can_insert_with_the_documented_statement_and_no_search_path(
+    db: Db, pg_dsn: str
+) -> None:
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+    backend = await asyncpg.connect(pg_dsn)  # the backend's own connection: default search_path
+    try:
+        await backend.execute(
+            f"INSERT INTO {db.schema}.outbox (tenant, event_type, payload)"
+            " VALUES ('my-store', 'points.earned',"
+            """ '{"customer_id":"cust_123","amount":150,"new_balance":2350}')"""
+        )
+    finally:
+        await backend.close()
+    row = await db.conn.fetchrow("SELECT event_id, occurred_at, payload FROM outbox")
+    assert row is not None
+    assert row["occurred_at"] is not None
+    assert json.loads(row["payload"])["amount"] == 150
+
+
+async def test_the_default_event_id_is_evt_and_32_hex_digits_and_unique(db: Db) -> None:
+    ids = await db.insert_events(50)
+    assert all(re.fullmatch(r"evt_[0-9a-f]{32}", i) for i in ids), ids[:3]
+    assert len(set(ids)) == 50
+
+
+# Constraints ------------------------------------------------------------------------------------
+
+
+async def insert_event(db: Db, **values: Any) -> None:
+    row = {"tenant": "shop-1", "event_type": "points.earned", "payload": "{}", **values}
+    names = ", ".join(row)
+    params = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+    await db.conn.execute(f"INSERT INTO outbox ({names}) VALUES ({params})", *row.values())
+
+
+@pytest.mark.parametrize(
+    ("values", "constraint"),
+    [
+        ({"tenant": ""}, "outbox_tenant_not_empty_max_200_no_control_chars"),
+        ({"tenant": "shop\n1"}, "outbox_tenant_not_empty_max_200_no_control_chars"),
+        ({"tenant": "s" * 201}, "outbox_tenant_not_empty_max_200_no_control_chars"),
+        ({"event_type": "points earned"}, "outbox_event_type_dotted_name_max_200"),
+        ({"event_type": "points.\x01earned"}, "outbox_event_type_dotted_name_max_200"),
+        ({"event_type": "points.earned\n"}, "outbox_event_type_dotted_name_max_200"),
+        ({"event_type": ""}, "outbox_event_type_dotted_name_max_200"),
+        ({"event_type": "points..earned"}, "outbox_event_type_dotted_name_max_200"),
+        ({"event_type": "points.*"}, "outbox_event_type_dotted_name_max_200"),
+        ({"payload": "null"}, "outbox_payload_not_json_null"),
+        ({"event_id": "evt 1"}, "outbox_event_id_printable_ascii_max_200"),
+        ({"event_id": ""}, "outbox_event_id_printable_ascii_max_200"),
+        ({"ordering_key": "k" * 201}, "outbox_ordering_key_max_200"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v),
+)
+async def test_the_outbox_refuses_a_bad_row_naming_the_constraint(
+    db: Db, values: dict[str, Any], constraint: str
+) -> None:
+    with pytest.raises(asyncpg.CheckViolationError) as info:
+        await insert_event(db, **values)
+    assert info.value.constraint_name == constraint
+    assert constraint in str(info.value)
+
+
+async def test_the_outbox_refuses_a_payload_over_1mb_even_when_it_compresses_well(
+    db: Db,
+) -> None:
+    big = json.dumps({"blob": "a" * (2 * 1024 * 1024)})
+    with pytest.raises(asyncpg.CheckViolationError) as info:
+        await insert_event(db, payload=big)
+    assert info.value.constraint_name == "outbox_payload_max_1mb"
+
+
+async def test_the_outbox_refuses_a_repeated_event_id_naming_the_constraint(db: Db) -> None:
+    await insert_event(db, event_id="order-42-earned")
+    with pytest.raises(asyncpg.UniqueViolationError) as info:
+        await insert_event(db, event_id="order-42-earned")
+    assert info.value.constraint_name == "outbox_event_id_unique"
+    assert "outbox_event_id_unique" in str(info.value)
+    assert await db.count("SELECT count(*) FROM outbox") == 1
+
+
+URL_CHECK = "endpoints_url_http_or_https_no_credentials_max_2048"
+
+
+@pytest.mark.parametrize(
+    ("columns", "constraint"),
+    [
+        ({"url": "https://u:p@example.com/h"}, URL_CHECK),
+        ({"url": "https://u@example.com/h"}, URL_CHECK),
+        ({"url": "ftp://example.com/h"}, URL_CHECK),
+        ({"url": "https://exa mple.com/h"}, URL_CHECK),
+        ({"url": "https://example.com/" + "x" * 2048}, URL_CHECK),
+        ({"profile": "svix"}, "endpoints_profile_known"),
+        ({"events": ["tier.*.gold"]}, "endpoints_event_types_valid_patterns"),
+        ({"events": ["points earned"]}, "endpoints_event_types_valid_patterns"),
+        ({"events": ["points.earned", ""]}, "endpoints_event_types_valid_patterns"),
+        ({"tenant": ""}, "endpoints_tenant_not_empty_max_200_no_control_chars"),
+        ({"algorithm": "md5"}, "endpoints_algorithm_known"),
+        ({"max_in_flight": 0}, "endpoints_max_in_flight_1_to_10000"),
+        ({"timeout_ms": 0}, "endpoints_timeout_ms_1_to_300000"),
+        ({"secret": "short"}, "endpoints_secret_not_empty"),
+        ({"headers": "[]"}, "endpoints_headers_object"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v),
+)
+async def test_endpoints_refuse_a_bad_row_naming_the_constraint(
+    db: Db, columns: dict[str, Any], constraint: str
+) -> None:
+    values: dict[str, Any] = {"url": "https://example.com/h", "secret": "s" * 32, **columns}
+    url = values.pop("url")
+    with pytest.raises(asyncpg.CheckViolationError) as info:
+        await db.add_endpoint(url, **values)
+    assert info.value.constraint_name == constraint
+    assert constraint in str(info.value)
+    assert await db.count("SELECT count(*) FROM endpoints") == 0
+
+
+async def test_endpoints_accept_a_valid_row_written_directly_in_sql(db: Db) -> None:
+    eid, _ = await db.add_endpoint(
+        "https://example.com/hooks?x=1", events=["points.earned", "tier.*", "*"], profile="github"
+    )
+    row = await db.conn.fetchrow("SELECT * FROM endpoints WHERE id = $1", eid)
+    assert row is not None
+    assert row["enabled"] is True
+    assert row["consecutive_failures"] == 0
+    assert row["version"] == 1
+
+
+# The wake-up NOTIFY -------------------------------------------------------------------------------
+
+
+class Notifications:
+    """A second connection LISTENing on the schema's outbox channel."""
+
+    def __init__(self, conn: asyncpg.Connection, channel: str) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.payloads: list[str] = []
+
+    def _on(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        assert channel == self.channel
+        self.payloads.append(str(payload))
+
+    async def settle(self, sender: asyncpg.Connection) -> list[str]:
+        """Every notification committed so far: a marker sent after them arrives after them."""
+        marker = f"marker-{uuid.uuid4().hex}"
+        await sender.execute("SELECT pg_notify($1, $2)", self.channel, marker)
+        await wait_until(lambda: marker in self.payloads, timeout=5, message="the marker")
+        await asyncio.sleep(0.3)  # a bounded grace in which nothing more may arrive
+        return [p for p in self.payloads if p != marker]
+
+
+@pytest.fixture
+async def notifications(db: Db, pg_dsn: str) -> AsyncIterator[Notifications]:
+    conn = await asyncpg.connect(pg_dsn)
+    n = Notifications(conn, f"{db.schema}.outbox")
+    await conn.add_listener(n.channel, n._on)
+    try:
+        yield n
+    finally:
+        await conn.close()
+
+
+async def test_an_insert_sends_no_notification_while_no_dispatcher_is_idle(
+    db: Db, notifications: Notifications
+) -> None:
+    await db.insert_events(10)
+    await insert_event(db)
+    assert await notifications.settle(db.conn) == []
+
+
+async def test_an_insert_sends_no_notification_while_every_dispatcher_is_busy(
+    db: Db, notifications: Notifications
+) -> None:
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', false)")
+    await db.insert_events(10)
+    assert await notifications.settle(db.conn) == []
+
+
+async def test_a_1000_row_insert_sends_exactly_one_notification_while_a_dispatcher_is_idle(
+    db: Db, notifications: Notifications
+) -> None:
+    await db.conn.execute(
+        "INSERT INTO listeners (replica, idle) VALUES ('r1', true), ('r2', true), ('r3', false)"
+    )
+    await db.insert_events(1000)
+    assert await db.count("SELECT count(*) FROM outbox") == 1000
+    assert await notifications.settle(db.conn) == [""]
+    # PostgreSQL folds equal notifications of one transaction, so the count alone cannot tell a
+    # per-row trigger (1,000 pg_notify calls) from a per-statement one: check the trigger too.
+    per_row = await db.conn.fetch(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'outbox'::regclass"
+        " AND NOT tgisinternal AND tgtype & 1 = 1"
+    )
+    assert per_row == []
+
+
+async def test_each_committed_insert_statement_wakes_an_idle_dispatcher(
+    db: Db, notifications: Notifications
+) -> None:
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+    await db.insert_events(1)
+    await db.insert_events(1)
+    assert await notifications.settle(db.conn) == ["", ""]
