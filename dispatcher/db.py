@@ -17,11 +17,9 @@ from .config import DatabaseConfig
 Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-# Migrations live at the repository top (sql/); an installed wheel carries a copy in the package.
-_SQL_DIRS = (
-    Path(__file__).resolve().parent.parent / "sql",
-    Path(__file__).resolve().parent / "sql",
-)
+# The numbered migrations: sql/ at the repository top; dispatcher/sql links to it, so an
+# installed wheel carries a copy.
+_SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 
 class DatabaseError(RuntimeError):
@@ -99,13 +97,13 @@ class Migration:
 
 def migrations() -> list[Migration]:
     """The numbered SQL files, in order."""
-    for directory in _SQL_DIRS:
-        if directory.is_dir():
-            found = []
-            for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
-                found.append(Migration(int(path.name[:3]), path.stem, path.read_text("utf-8")))
-            return found
-    raise DatabaseError("no migrations found: the sql/ directory is missing")
+    found = [
+        Migration(int(path.name[:3]), path.stem, path.read_text("utf-8"))
+        for path in sorted(_SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
+    ]
+    if not found:
+        raise DatabaseError(f"no migrations found in {_SQL_DIR}")
+    return found
 
 
 async def migrate(config: DatabaseConfig) -> list[str]:
