@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -149,8 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         logs.configure(config.log.format, config.log.level)
-        handler = _HANDLERS[(args.command, getattr(args, "action", None))]
-        return handler(args, config)
+        key = (args.command, getattr(args, "action", None))
+        if key == ("endpoint", "add"):
+            # Bad input is reported as such, whatever state the database is in.
+            args.checked = _check_new_endpoint(args, config)
+        if key in _DB_HANDLERS:
+            return _run_async(_on_connection(_DB_HANDLERS[key], args, config))
+        return _HANDLERS[key](args, config)
     except (ConfigError, DatabaseError, CliError, InvalidEndpoint, StartupError) as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -162,6 +168,14 @@ def _run_async(coro: Awaitable[int]) -> int:
     import uvloop
 
     return uvloop.run(_guard(coro))
+
+
+async def _on_connection(command: DbCommand, args: argparse.Namespace, config: Config) -> int:
+    conn = await connect(config.database)
+    try:
+        return await command(args, config, conn)
+    finally:
+        await conn.close()
 
 
 async def _guard(coro: Awaitable[int]) -> int:
@@ -265,7 +279,18 @@ def _check_url(url: str, config: Config) -> str:
     return url
 
 
-def cmd_endpoint_add(args: argparse.Namespace, config: Config) -> int:
+@dataclass(frozen=True, slots=True)
+class _NewEndpoint:
+    """`endpoint add` input, checked before any connection is made."""
+
+    profile: SigningProfile
+    url: str
+    events: list[str]
+    headers: dict[str, str]
+    secret: str
+
+
+def _check_new_endpoint(args: argparse.Namespace, config: Config) -> _NewEndpoint:
     profile = validate_profile(_profile_from(args))
     url = _check_url(args.url, config)
     events = validate_event_patterns((args.events or "").split(","))
@@ -275,106 +300,99 @@ def cmd_endpoint_add(args: argparse.Namespace, config: Config) -> int:
         validate_secret(profile.kind, secret)
     except SigningError as exc:
         raise InvalidEndpoint(f"secret: {exc}") from None
+    return _NewEndpoint(profile, url, events, headers, secret)
 
-    async def go() -> int:
-        conn = await connect(config.database)
+
+async def cmd_endpoint_add(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    new: _NewEndpoint = args.checked
+    profile, secret = new.profile, new.secret
+    eid = await conn.fetchval(
+        Q["insert_endpoint"],
+        args.tenant,
+        new.url,
+        args.description or "",
+        new.events,
+        profile.kind,
+        profile.header,
+        profile.algorithm,
+        profile.encoding,
+        profile.signed,
+        profile.prefix,
+        profile.timestamp_header,
+        secret,
+        json.dumps(new.headers),
+        bool(args.ordered),
+        args.max_in_flight,
+        None if args.timeout is None else int(args.timeout * 1000),
+    )
+    if args.json:
+        print(json.dumps({"id": eid, "secret": secret, "fingerprint": fingerprint(secret)}))
+    else:
+        print(f"endpoint {eid} added for tenant {args.tenant}")
+        print(f"secret: {secret}")
+        print("(shown once: store it with the receiver now)")
+    return 0
+
+
+async def cmd_endpoint_update(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    row = await _fetch_endpoint(conn, args.id)
+    base = SigningProfile(
+        row["profile"],
+        row["signature_header"],
+        row["algorithm"],
+        row["encoding"],
+        row["signed"],
+        row["prefix"],
+        row["timestamp_header"],
+    )
+    profile = validate_profile(_profile_from(args, base))
+    if profile.kind != base.kind:
         try:
-            eid = await conn.fetchval(
-                Q["insert_endpoint"],
-                args.tenant,
-                url,
-                args.description or "",
-                events,
-                profile.kind,
-                profile.header,
-                profile.algorithm,
-                profile.encoding,
-                profile.signed,
-                profile.prefix,
-                profile.timestamp_header,
-                secret,
-                json.dumps(headers),
-                bool(args.ordered),
-                args.max_in_flight,
-                None if args.timeout is None else int(args.timeout * 1000),
-            )
-        finally:
-            await conn.close()
-        if args.json:
-            print(json.dumps({"id": eid, "secret": secret, "fingerprint": fingerprint(secret)}))
-        else:
-            print(f"endpoint {eid} added for tenant {args.tenant}")
-            print(f"secret: {secret}")
-            print("(shown once: store it with the receiver now)")
-        return 0
-
-    return _run_async(go())
-
-
-def cmd_endpoint_update(args: argparse.Namespace, config: Config) -> int:
-    async def go() -> int:
-        conn = await connect(config.database)
-        try:
-            row = await _fetch_endpoint(conn, args.id)
-            base = SigningProfile(
-                row["profile"],
-                row["signature_header"],
-                row["algorithm"],
-                row["encoding"],
-                row["signed"],
-                row["prefix"],
-                row["timestamp_header"],
-            )
-            profile = validate_profile(_profile_from(args, base))
-            if profile.kind != base.kind:
-                try:
-                    validate_secret(profile.kind, row["secret"])
-                except SigningError as exc:
-                    raise InvalidEndpoint(
-                        f"secret: the current secret does not suit profile {profile.kind} ({exc});"
-                        " rotate it after changing the profile"
-                    ) from None
-            headers = dict(json.loads(row["headers"]))
-            for name, value in args.header or []:
-                # Header names are case-insensitive: a new value replaces the old one.
-                for old in [k for k in headers if k.lower() == name.lower()]:
-                    del headers[old]
-                headers[name] = value
-            changes: dict[str, Any] = {
-                "profile": profile.kind,
-                "signature_header": profile.header,
-                "algorithm": profile.algorithm,
-                "encoding": profile.encoding,
-                "signed": profile.signed,
-                "prefix": profile.prefix,
-                "timestamp_header": profile.timestamp_header,
-                "headers": json.dumps(validate_headers(headers, profile)),
-            }
-            if args.url is not None:
-                changes["url"] = _check_url(args.url, config)
-            if args.tenant is not None:
-                changes["tenant"] = args.tenant
-            if args.events is not None:
-                changes["event_types"] = validate_event_patterns(args.events.split(","))
-            if args.description is not None:
-                changes["description"] = args.description
-            if args.ordered is not None:
-                changes["ordered"] = args.ordered
-            if args.max_in_flight is not None:
-                changes["max_in_flight"] = args.max_in_flight
-            if args.timeout is not None:
-                changes["timeout_ms"] = int(args.timeout * 1000)
-            sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(changes, start=2))
-            await conn.execute(
-                f"UPDATE endpoints SET {sets} WHERE id = $1", args.id, *changes.values()
-            )
-            row = await _fetch_endpoint(conn, args.id)
-        finally:
-            await conn.close()
-        _print_endpoints([row], as_json=args.json, detail=True)
-        return 0
-
-    return _run_async(go())
+            validate_secret(profile.kind, row["secret"])
+        except SigningError as exc:
+            raise InvalidEndpoint(
+                f"secret: the current secret does not suit profile {profile.kind} ({exc});"
+                " rotate it after changing the profile"
+            ) from None
+    headers = dict(json.loads(row["headers"]))
+    for name, value in args.header or []:
+        # Header names are case-insensitive: a new value replaces the old one.
+        for old in [k for k in headers if k.lower() == name.lower()]:
+            del headers[old]
+        headers[name] = value
+    changes: dict[str, Any] = {
+        "profile": profile.kind,
+        "signature_header": profile.header,
+        "algorithm": profile.algorithm,
+        "encoding": profile.encoding,
+        "signed": profile.signed,
+        "prefix": profile.prefix,
+        "timestamp_header": profile.timestamp_header,
+        "headers": json.dumps(validate_headers(headers, profile)),
+    }
+    if args.url is not None:
+        changes["url"] = _check_url(args.url, config)
+    if args.tenant is not None:
+        changes["tenant"] = args.tenant
+    if args.events is not None:
+        changes["event_types"] = validate_event_patterns(args.events.split(","))
+    if args.description is not None:
+        changes["description"] = args.description
+    if args.ordered is not None:
+        changes["ordered"] = args.ordered
+    if args.max_in_flight is not None:
+        changes["max_in_flight"] = args.max_in_flight
+    if args.timeout is not None:
+        changes["timeout_ms"] = int(args.timeout * 1000)
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(changes, start=2))
+    await conn.execute(f"UPDATE endpoints SET {sets} WHERE id = $1", args.id, *changes.values())
+    row = await _fetch_endpoint(conn, args.id)
+    _print_endpoints([row], as_json=args.json, detail=True)
+    return 0
 
 
 async def _fetch_endpoint(conn: asyncpg.Connection, eid: int) -> asyncpg.Record:
@@ -384,73 +402,53 @@ async def _fetch_endpoint(conn: asyncpg.Connection, eid: int) -> asyncpg.Record:
     return rows[0]
 
 
-def cmd_endpoint_list(args: argparse.Namespace, config: Config) -> int:
-    async def go() -> int:
-        conn = await connect(config.database)
-        try:
-            rows = await conn.fetch(Q["list_endpoints"], args.tenant, None)
-        finally:
-            await conn.close()
-        _print_endpoints(rows, as_json=args.json, detail=False)
-        return 0
-
-    return _run_async(go())
+async def cmd_endpoint_list(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    rows = await conn.fetch(Q["list_endpoints"], args.tenant, None)
+    _print_endpoints(rows, as_json=args.json, detail=False)
+    return 0
 
 
-def cmd_endpoint_show(args: argparse.Namespace, config: Config) -> int:
-    async def go() -> int:
-        conn = await connect(config.database)
-        try:
-            row = await _fetch_endpoint(conn, args.id)
-        finally:
-            await conn.close()
-        _print_endpoints([row], as_json=args.json, detail=True)
-        return 0
-
-    return _run_async(go())
+async def cmd_endpoint_show(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    row = await _fetch_endpoint(conn, args.id)
+    _print_endpoints([row], as_json=args.json, detail=True)
+    return 0
 
 
-def cmd_endpoint_enable(args: argparse.Namespace, config: Config) -> int:
-    async def go() -> int:
-        conn = await connect(config.database)
-        try:
-            result = await conn.fetchrow(Q["enable_endpoint"], args.id)
-            assert result is not None
-            if not result["found"]:
-                raise CliError(f"endpoint {args.id} does not exist")
-        finally:
-            await conn.close()
-        if args.json:
-            print(json.dumps({"id": args.id, "enabled": True, "resumed": result["resumed"]}))
-        else:
-            print(f"endpoint {args.id} enabled; {result['resumed']} paused deliveries resumed")
-        return 0
-
-    return _run_async(go())
+async def cmd_endpoint_enable(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    result = await conn.fetchrow(Q["enable_endpoint"], args.id)
+    assert result is not None
+    if not result["found"]:
+        raise CliError(f"endpoint {args.id} does not exist")
+    if args.json:
+        print(json.dumps({"id": args.id, "enabled": True, "resumed": result["resumed"]}))
+    else:
+        print(f"endpoint {args.id} enabled; {result['resumed']} paused deliveries resumed")
+    return 0
 
 
-def cmd_endpoint_disable(args: argparse.Namespace, config: Config) -> int:
-    async def go() -> int:
-        conn = await connect(config.database)
-        try:
-            await _fetch_endpoint(conn, args.id)
-            row = await conn.fetchrow(
-                Q["disable_endpoints"],
-                [args.id],
-                [args.reason or "disabled by operator"],
-                os.environ.get("USER") or "operator",
-                datetime.now().astimezone(),
-            )
-        finally:
-            await conn.close()
-        paused = row["paused"] if row else 0
-        if args.json:
-            print(json.dumps({"id": args.id, "enabled": False, "paused": paused}))
-        else:
-            print(f"endpoint {args.id} disabled; {paused} pending deliveries paused")
-        return 0
-
-    return _run_async(go())
+async def cmd_endpoint_disable(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    await _fetch_endpoint(conn, args.id)
+    row = await conn.fetchrow(
+        Q["disable_endpoints"],
+        [args.id],
+        [args.reason or "disabled by operator"],
+        os.environ.get("USER") or "operator",
+        datetime.now().astimezone(),
+    )
+    paused = row["paused"] if row else 0
+    if args.json:
+        print(json.dumps({"id": args.id, "enabled": False, "paused": paused}))
+    else:
+        print(f"endpoint {args.id} disabled; {paused} pending deliveries paused")
+    return 0
 
 
 def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
@@ -538,10 +536,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+DbCommand = Callable[[argparse.Namespace, Config, asyncpg.Connection], Awaitable[int]]
+
 _HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Config], int]] = {
     ("run", None): cmd_run,
     ("migrate", None): cmd_migrate,
     ("demo", None): cmd_demo,
+}
+# Commands that work on one connection to a migrated schema.
+_DB_HANDLERS: dict[tuple[str, str | None], DbCommand] = {
     ("endpoint", "add"): cmd_endpoint_add,
     ("endpoint", "update"): cmd_endpoint_update,
     ("endpoint", "list"): cmd_endpoint_list,
