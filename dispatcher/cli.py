@@ -28,7 +28,7 @@ from .endpoints import (
     validate_profile,
     validate_url,
 )
-from .errors import StartupError
+from .errors import DaemonCrashed, StartupError
 from .signing import (
     PROFILES,
     SigningError,
@@ -157,7 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key in _DB_HANDLERS:
             return _run_async(_on_connection(_DB_HANDLERS[key], args, config))
         return _HANDLERS[key](args, config)
-    except (ConfigError, DatabaseError, CliError, InvalidEndpoint, StartupError) as exc:
+    except (
+        ConfigError,
+        DatabaseError,
+        CliError,
+        InvalidEndpoint,
+        StartupError,
+        DaemonCrashed,
+    ) as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

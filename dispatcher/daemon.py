@@ -22,10 +22,10 @@ from . import claiming
 from .claiming import Job
 from .clock import Clock, SystemClock, unix_now
 from .config import Config
-from .db import DatabaseError, Executor, Q, check_schema, create_pool
+from .db import Executor, Q, check_schema, create_pool
 from .endpoints import Endpoint
 from .envelope import render_body
-from .errors import StartupError
+from .errors import DaemonCrashed, StartupError
 from .listener import Listener
 from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
@@ -147,8 +147,14 @@ class Dispatcher:
                 )
                 self.ready.set()
                 pump = asyncio.create_task(self._pump(), name="pump")
-                await _first_done(pump, *side_tasks)
+                crash = await _first_done(pump, *side_tasks)
+                if crash is not None:
+                    log.error("dispatcher_crashed", error=repr(crash), exc_info=crash)
+                    self.stop.set()
+                    pump.cancel()
                 await self._shutdown()
+                if crash is not None:
+                    raise DaemonCrashed(f"the daemon stopped after an internal error: {crash!r}")
             finally:
                 for t in side_tasks:
                     t.cancel()
@@ -349,9 +355,14 @@ class Dispatcher:
         )
 
 
-async def _first_done(*tasks: asyncio.Task[None]) -> None:
-    """Wait for the first task to end; a side task dying is fatal, not something to limp past."""
+async def _first_done(*tasks: asyncio.Task[None]) -> BaseException | None:
+    """Wait for the first task to end; return what killed it, if anything did. Only the pump
+    ends on its own (at stop); any other ending is a crash, not something to limp past."""
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in done:
-        if t.get_name() != "pump" and not t.cancelled() and t.exception() is not None:
-            raise DatabaseError(f"{t.get_name()} failed: {t.exception()!r}")
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            return exc
+        if t.get_name() != "pump":
+            return RuntimeError(f"{t.get_name()} ended unexpectedly")
+    return None

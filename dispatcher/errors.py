@@ -3,3 +3,7 @@
 
 class StartupError(RuntimeError):
     """The daemon cannot start (e.g. its HTTP address is taken)."""
+
+
+class DaemonCrashed(RuntimeError):
+    """A part of the daemon failed unexpectedly; it stopped cleanly so systemd can restart it."""

@@ -23,16 +23,16 @@ def _dumps(obj: Any, default: Any = None) -> str:
 
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog for the whole process; safe to call again (the config is replaced)."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_dumps)
+    renderers: list[Any] = (
+        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(serializer=_dumps)]
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        else [structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())]
     )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),

@@ -201,3 +201,19 @@ async def test_sigterm_past_the_grace_period_releases_unfinished_work_and_exits_
     assert await asyncio.wait_for(proc.wait(), 15) == 0
     assert await db.statuses() == {"pending": 10}
     assert await db.count("SELECT max(attempts) FROM deliveries") == 0
+
+
+async def test_an_internal_error_stops_the_daemon_cleanly_and_says_so(
+    db: Db, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatcher import claiming
+    from dispatcher.daemon import Dispatcher
+    from dispatcher.errors import DaemonCrashed
+
+    async def broken(*args: object) -> tuple[int, int]:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(claiming, "fan_out", broken)
+    with pytest.raises(DaemonCrashed, match="a bug"):
+        await asyncio.wait_for(Dispatcher(db.config).run(), 10)
+    assert await db.count("SELECT count(*) FROM listeners WHERE idle") == 0
