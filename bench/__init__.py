@@ -1,0 +1,1 @@
+"""Benchmarks for the dispatcher: `python -m bench` (see bench/cli.py for the options)."""

@@ -1,0 +1,324 @@
+"""`python -m bench`: one PostgreSQL, one receiver, every scenario, tables and a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import asyncpg
+
+from bench import report
+from bench.backend_cost import BackendCostResult, run_backend_cost
+from bench.ceiling import CeilingResult, run_ceiling
+from bench.drain import DrainResult, run_drain
+from bench.harness import Context
+from bench.latency import LatencyResult, run_latency
+from bench.receiver import Receiver, start_receiver
+from dispatcher.pgcluster import EphemeralPostgres
+
+SCENARIOS = ("ceiling", "drain", "latency", "backend")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CALIBRATION_EVENTS = 10_000
+T = TypeVar("T")
+
+
+@dataclass
+class Settings:
+    """Every option of a run; --smoke shrinks them so the whole run takes well under a minute."""
+
+    events: int
+    only: list[str]
+    duration: float
+    ceiling_seconds: float
+    insert_seconds: float
+    insert_rounds: int
+    concurrency: list[int]
+    loads: list[float]
+    producers: list[int]
+    drain_rate: float | None
+    receiver: str
+    install: bool
+    profile: bool
+    output: Path | None
+    smoke: bool
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of at least 1")
+    return values
+
+
+def _load_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of fractions") from None
+    if not values or not all(0 < v <= 2 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give fractions of the drain rate, e.g. 0.5")
+    return values
+
+
+def _only(text: str) -> list[str]:
+    names = [n.strip().replace("backend_cost", "backend") for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {', '.join(unknown) or text!r}; choose from {', '.join(SCENARIOS)}"
+        )
+    return names
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    """Options, with --smoke overriding sizes and durations."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--events", type=int, default=100_000, help="drain backlog (100000)")
+    p.add_argument("--only", type=_only, default=list(SCENARIOS), help=",".join(SCENARIOS))
+    p.add_argument("--duration", type=_positive, default=10.0, help="seconds per latency rate")
+    p.add_argument("--ceiling-seconds", type=_positive, default=5.0, help="per concurrency")
+    p.add_argument("--insert-seconds", type=_positive, default=4.0, help="per backend-cost run")
+    p.add_argument("--insert-rounds", type=int, default=3, help="backend-cost runs per cell (3)")
+    p.add_argument(
+        "--concurrency", type=_int_list, default=[16, 64, 256], help="ceiling: 16,64,256"
+    )
+    p.add_argument("--loads", type=_load_list, default=[0.1, 0.5, 0.8], help="latency: 0.1,0.5,0.8")
+    p.add_argument("--producers", type=_int_list, default=[1, 4, 16], help="backend: 1,4,16")
+    p.add_argument(
+        "--drain-rate", type=_positive, help="latency without drain: the rate to take fractions of"
+    )
+    p.add_argument("--receiver", choices=("auto", "nginx", "python"), default="auto")
+    p.add_argument(
+        "--no-install", action="store_true", help="do not apt-get install nginx when missing"
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy the dispatcher during drain")
+    p.add_argument("--output", type=Path, help="JSON path (default bench/results/<time>.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny run (CI): 2000 events, 1 s phases")
+    a = p.parse_args(argv)
+    if a.events < 1:
+        p.error("--events must be at least 1")
+    settings = Settings(
+        events=a.events,
+        only=[n for n in SCENARIOS if n in a.only],
+        duration=a.duration,
+        ceiling_seconds=a.ceiling_seconds,
+        insert_seconds=a.insert_seconds,
+        insert_rounds=max(1, a.insert_rounds),
+        concurrency=a.concurrency,
+        loads=a.loads,
+        producers=a.producers,
+        drain_rate=a.drain_rate,
+        receiver=a.receiver,
+        install=not a.no_install,
+        profile=a.profile,
+        output=a.output,
+        smoke=a.smoke,
+    )
+    if a.smoke:
+        settings.events = min(settings.events, 2_000)
+        settings.duration = settings.ceiling_seconds = settings.insert_seconds = 1.0
+        settings.insert_rounds = 1
+        settings.install = False
+    return settings
+
+
+def _say(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _show(text: str) -> None:
+    print(f"\n{text}", flush=True)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 0 when every chosen scenario produced its numbers."""
+    settings = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    output = settings.output or RESULTS_DIR / f"{stamp}.json"
+    workdir = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
+    data: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+        "scenarios": {},
+        "errors": {},
+    }
+    receiver: Receiver | None = None
+    ok = False
+    started = time.monotonic()
+    try:
+        _say("starting the receiver")
+        receiver, note = start_receiver(settings.receiver, workdir, allow_install=settings.install)
+        data["receiver"] = {"kind": receiver.kind, "description": receiver.description}
+        if note:
+            data["receiver"]["note"] = note
+        _say("starting PostgreSQL (durable: default fsync and synchronous_commit)")
+        with EphemeralPostgres(durable=True, settings={"max_connections": "200"}) as pg:
+            ctx = Context(
+                dsn=pg.dsn,
+                postmaster_pid=pg.postmaster_pid,
+                receiver=receiver,
+                workdir=workdir,
+                results_dir=RESULTS_DIR if settings.output is None else output.parent,
+                stamp=stamp,
+            )
+            ok = _run_loop(_run(settings, ctx, data, output))
+    except (KeyboardInterrupt, SystemExit):
+        data["errors"]["run"] = "interrupted"
+        print("\ninterrupted", file=sys.stderr)
+    except (RuntimeError, OSError) as exc:  # the receiver or PostgreSQL would not start
+        data["errors"]["setup"] = f"{type(exc).__name__}: {exc}"
+        print(f"bench: error: {data['errors']['setup']}", file=sys.stderr)
+    finally:
+        if receiver is not None:
+            receiver.stop()
+        data["seconds"] = round(time.monotonic() - started, 1)
+        report.write_json(output, data)
+        print(f"\nresults: {output} ({data['seconds']:.0f} s)", flush=True)
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _run_loop(coro: Coroutine[Any, Any, bool]) -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return bool(asyncio.run(coro))
+    return bool(uvloop.run(coro))
+
+
+async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: Path) -> bool:
+    """Every chosen scenario in turn; one's failure is recorded and the others still run."""
+    conn = await asyncpg.connect(ctx.dsn)
+    try:
+        version = "PostgreSQL " + str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+    data["machine"] = report.machine_info(version)
+    receiver_text = ctx.receiver.description
+    if ctx.receiver.kind != "nginx":
+        receiver_text += f" [fallback: {data['receiver'].get('note', 'chosen')}]"
+    _show(report.machine_text(data["machine"], receiver_text))
+    results = data["scenarios"]
+    errors = data["errors"]
+
+    async def scenario(name: str, job: Awaitable[T]) -> T | None:
+        _say(f"{name} ...")
+        try:
+            result = await job
+        except Exception as exc:  # noqa: BLE001 - recorded; the other scenarios still run
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"\n{name} FAILED: {errors[name]}", file=sys.stderr, flush=True)
+            return None
+        results[name] = asdict(result)  # type: ignore[call-overload]
+        report.write_json(output, data)
+        return result
+
+    s = settings
+    ceiling: CeilingResult | None = None
+    drain: DrainResult | None = None
+    latency: LatencyResult | None = None
+    backend: BackendCostResult | None = None
+    if "ceiling" in s.only:
+        ceiling = await scenario("ceiling", run_ceiling(ctx, s.concurrency, s.ceiling_seconds))
+        if ceiling is not None:
+            _show(report.ceiling_table(ceiling, ctx.receiver.description))
+    if "drain" in s.only:
+        drain = await scenario("drain", run_drain(ctx, s.events, profile=s.profile))
+        if drain is not None:
+            _show(report.drain_table(drain))
+    if "latency" in s.only:
+        rate, source = await _drain_rate(s, ctx, drain)
+        if rate is not None:
+            latency = await scenario("latency", run_latency(ctx, s.loads, s.duration, rate, source))
+        else:
+            errors["latency"] = "no drain rate to take fractions of (calibration failed)"
+        if latency is not None:
+            _show(report.latency_table(latency))
+    if "backend" in s.only:
+        backend = await scenario(
+            "backend_cost", run_backend_cost(ctx, s.insert_seconds, s.producers, s.insert_rounds)
+        )
+        if backend is not None:
+            _show(report.backend_cost_table(backend))
+    summary = _summary(ceiling, drain, latency, backend)
+    data["summary"] = summary
+    if ctx.notes:
+        data["notes"] = ctx.notes
+        _show("notes:\n" + "\n".join(f"- {n}" for n in ctx.notes))
+    _show(report.summary_table(summary))
+    return not errors
+
+
+async def _drain_rate(
+    s: Settings, ctx: Context, drain: DrainResult | None
+) -> tuple[float | None, str]:
+    if drain is not None:
+        return drain.deliveries_per_s, "drain scenario"
+    if s.drain_rate is not None:
+        return s.drain_rate, "--drain-rate"
+    n = min(s.events, CALIBRATION_EVENTS)
+    _say(f"latency: calibrating with a drain of {n} events")
+    try:
+        calibration = await run_drain(ctx, n)
+    except Exception as exc:  # noqa: BLE001 - reported as the latency scenario's error
+        ctx.notes.append(f"calibration drain failed: {exc}")
+        return None, ""
+    return calibration.deliveries_per_s, f"calibration drain of {n:,} events"
+
+
+def _summary(
+    ceiling: CeilingResult | None,
+    drain: DrainResult | None,
+    latency: LatencyResult | None,
+    backend: BackendCostResult | None,
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    if ceiling is not None:
+        out["ceiling requests/s"] = ceiling.requests_per_s
+    if drain is not None:
+        out["drain deliveries/s"] = drain.deliveries_per_s
+    if ceiling is not None and drain is not None:
+        out["drain / ceiling"] = round(drain.deliveries_per_s / ceiling.requests_per_s, 3)
+    if latency is not None:
+        for p in latency.points:
+            out[f"latency at {p.load:.0%} load: p50 ms"] = p.p50_ms
+            out[f"latency at {p.load:.0%} load: p99 ms"] = p.p99_ms
+    if backend is not None:
+        top = max(c.producers for c in backend.cells)
+        for c in backend.cells:
+            if c.producers == top and c.mode != "no trigger":
+                out[f"inserts/s at {top} producers, {c.mode} / no trigger"] = c.vs_no_trigger
+    return out

@@ -1,0 +1,189 @@
+"""Latency: insert-to-2xx-recorded percentiles under an open-loop producer at fixed rates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from bench.harness import (
+    EVENT_TYPE,
+    TENANT,
+    Context,
+    CpuMeter,
+    add_endpoint,
+    connect,
+    drop_schema,
+    fresh_schema,
+    payload,
+    start_daemon,
+    wait_idle_listener,
+)
+
+PRODUCERS = 8
+SETTLE_S = 1.0
+_START_DELAY_S = 0.05
+
+_INSERT = (
+    "INSERT INTO outbox (tenant, event_type, payload, occurred_at) VALUES ($1, $2, $3::jsonb, $4)"
+)
+# occurred_at holds the producer's schedule, so created_at - occurred_at is how late an insert
+# started: the producer's own lag, reported to show whether the schedule was kept; p99 from the
+# schedule (lag + latency) is the figure free of coordinated omission.
+_STATS = """
+SELECT count(*) AS n,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+       max(ms) AS max,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) AS lag_p99,
+       max(lag) AS lag_max,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY lag + ms) AS scheduled_p99
+FROM (SELECT extract(epoch FROM d.completed_at - o.created_at)::float8 * 1000 AS ms,
+             extract(epoch FROM o.created_at - o.occurred_at)::float8 * 1000 AS lag
+      FROM outbox o JOIN deliveries d ON d.event_seq = o.seq
+      WHERE o.seq > $1 AND o.seq <= $2 AND d.status = 'succeeded') AS s
+"""
+
+
+@dataclass
+class LatencyPoint:
+    """One offered rate: how long events took from insert to a recorded 2xx."""
+
+    load: float
+    target_per_s: float
+    achieved_per_s: float
+    events: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    producer_lag_p99_ms: float
+    producer_lag_max_ms: float
+    p99_from_schedule_ms: float
+    cores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LatencyResult:
+    """Every rate tried, and the drain rate they are fractions of."""
+
+    drain_rate: float
+    drain_rate_source: str
+    seconds_per_rate: float
+    producers: int
+    points: list[LatencyPoint]
+
+
+async def run_latency(
+    ctx: Context, fractions: list[float], seconds: float, drain_rate: float, source: str
+) -> LatencyResult:
+    """Start the dispatcher, then offer each rate for `seconds` and measure its latencies."""
+    config = await fresh_schema(ctx.dsn, "latency")
+    conn = await connect(config)
+    producers: list[asyncpg.Connection] = []
+    try:
+        await add_endpoint(conn, ctx.receiver.url)
+        producers = [await connect(config) for _ in range(PRODUCERS)]
+        daemon = start_daemon(config, ctx.workdir, "latency")
+        try:
+            await wait_idle_listener(conn, daemon)
+            points = []
+            for fraction in fractions:
+                await asyncio.sleep(SETTLE_S)
+                rate = max(1.0, fraction * drain_rate)
+                meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
+                meter.start()
+                first = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
+                achieved, n = await _produce(producers, rate, seconds)
+                last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
+                await _wait_delivered(conn, daemon.check_alive, first, last, n, drain_rate)
+                cores = meter.cores()
+                row = await conn.fetchrow(_STATS, first, last)
+                assert row is not None
+                points.append(
+                    LatencyPoint(
+                        load=fraction,
+                        target_per_s=round(rate, 1),
+                        achieved_per_s=round(achieved, 1),
+                        events=int(row["n"]),
+                        p50_ms=round(row["p50"], 2),
+                        p99_ms=round(row["p99"], 2),
+                        max_ms=round(row["max"], 2),
+                        producer_lag_p99_ms=round(row["lag_p99"], 2),
+                        producer_lag_max_ms=round(row["lag_max"], 2),
+                        p99_from_schedule_ms=round(row["scheduled_p99"], 2),
+                        cores=cores,
+                    )
+                )
+        finally:
+            daemon.stop()
+        return LatencyResult(round(drain_rate, 1), source, seconds, PRODUCERS, points)
+    finally:
+        for p in producers:
+            await p.close()
+        await drop_schema(conn, config)
+        await conn.close()
+
+
+async def _produce(
+    conns: list[asyncpg.Connection], rate: float, seconds: float
+) -> tuple[float, int]:
+    """Insert events on the clock's schedule (open loop); returns the rate achieved and count."""
+    # Several connections share the schedule, so one slow commit does not hold up the next.
+    loop = asyncio.get_running_loop()
+    n = max(1, round(rate * seconds))
+    texts = [orjson.dumps(payload(i)).decode() for i in range(1000)]
+    queue: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+    t0 = loop.time() + _START_DELAY_S
+    wall0 = time.time() + _START_DELAY_S
+
+    async def insert(conn: asyncpg.Connection) -> None:
+        while (item := await queue.get()) is not None:
+            i, offset = item
+            scheduled = datetime.fromtimestamp(wall0 + offset, UTC)
+            await conn.execute(_INSERT, TENANT, EVENT_TYPE, texts[i % 1000], scheduled, timeout=30)
+
+    workers = [asyncio.create_task(insert(c)) for c in conns]
+    try:
+        for i in range(n):
+            offset = i / rate
+            delay = t0 + offset - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait((i, offset))
+        for _ in workers:
+            queue.put_nowait(None)
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+    elapsed = loop.time() - t0
+    return (n / elapsed if elapsed > 0 else float(n)), n
+
+
+async def _wait_delivered(
+    conn: asyncpg.Connection,
+    check_alive: Callable[[], None],
+    first: int,
+    last: int,
+    n: int,
+    drain_rate: float,
+) -> None:
+    deadline = time.monotonic() + 30 + 3 * n / max(drain_rate, 1.0)
+    while True:
+        done = await conn.fetchval(
+            "SELECT count(*) FROM deliveries WHERE event_seq > $1 AND event_seq <= $2"
+            " AND status = 'succeeded'",
+            first,
+            last,
+        )
+        if done >= n:
+            return
+        check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {n} events delivered by the deadline")
+        await asyncio.sleep(0.1)

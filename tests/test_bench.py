@@ -1,0 +1,59 @@
+"""The benchmark still runs end to end (`python -m bench --smoke`); its numbers are not judged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}
+    assert data["receiver"]["kind"] in ("nginx", "python")
+    assert _positive(data["machine"]["nproc"])
+    scenarios = data["scenarios"]
+    assert set(scenarios) == {"ceiling", "drain", "latency", "backend_cost"}
+
+    ceiling = scenarios["ceiling"]
+    assert _positive(ceiling["requests_per_s"])
+    assert all(_positive(run["requests_per_s"]) for run in ceiling["runs"])
+
+    drain = scenarios["drain"]
+    assert drain["events"] == 2000
+    for key in ("deliveries_per_s", "after_startup_per_s", "seconds"):
+        assert _positive(drain[key]), key
+
+    points = scenarios["latency"]["points"]
+    assert [p["load"] for p in points] == [0.1, 0.5, 0.8]
+    for p in points:
+        for key in ("target_per_s", "achieved_per_s", "events", "p50_ms", "p99_ms", "max_ms"):
+            assert _positive(p[key]), (p["load"], key)
+
+    cells = scenarios["backend_cost"]["cells"]
+    assert {(c["producers"], c["mode"]) for c in cells} == {
+        (n, mode) for n in (1, 4, 16) for mode in ("no trigger", "busy", "idle")
+    }
+    assert all(_positive(c["inserts_per_s"]) for c in cells)
+    assert _positive(scenarios["backend_cost"]["idle_notifications"])
+
+    assert _positive(data["summary"]["drain / ceiling"])
+    assert "results:" in proc.stdout
