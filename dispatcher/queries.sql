@@ -73,8 +73,12 @@ RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_versi
 -- name: record_results
 -- Write back a batch of finished attempts, fenced on the claim: a row another process has
 -- re-claimed since (its lease ran out) keeps that process's state. Returns the rows written.
+-- Rows are found by primary key; the endpoint's enabled flag is a per-row lookup, so the
+-- planner is never tempted to reach deliveries through the endpoint index.
 UPDATE deliveries d
-SET status = CASE WHEN r.status = 'pending' AND NOT e.enabled THEN 'paused' ELSE r.status END,
+SET status = CASE WHEN r.status = 'pending'
+                       AND NOT (SELECT e.enabled FROM endpoints e WHERE e.id = d.endpoint_id)
+                  THEN 'paused' ELSE r.status END,
     next_attempt_at = CASE WHEN r.status = 'pending'
                            THEN now() + make_interval(secs => r.delay)
                            ELSE d.next_attempt_at END,
@@ -82,10 +86,8 @@ SET status = CASE WHEN r.status = 'pending' AND NOT e.enabled THEN 'paused' ELSE
     last_error = r.error,
     completed_at = CASE WHEN r.status IN ('succeeded', 'failed') THEN now() END
 FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[], $6::float8[])
-         AS r (id, attempt, status, status_code, error, delay),
-     endpoints e
+         AS r (id, attempt, status, status_code, error, delay)
 WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering'
-  AND e.id = d.endpoint_id
 RETURNING d.id, d.status, d.next_attempt_at;
 
 -- name: release_claims
