@@ -79,6 +79,7 @@ async def test_kill_9_mid_delivery_loses_nothing_and_only_in_flight_work_repeats
     }
     second = await start_daemon(db)
     try:
+
         async def all_done() -> bool:
             return await count_status(db, "succeeded") == 300
 
