@@ -155,13 +155,3 @@ def validate_profile(profile: SigningProfile) -> SigningProfile:
     except SigningError as exc:
         raise InvalidEndpoint(f"signing: {exc}") from None
     return profile
-
-
-def matches(patterns: Sequence[str], event_type: str) -> bool:
-    """The same rule as the SQL function event_matches, for the CLI and tests."""
-    if not patterns:
-        return True
-    for p in patterns:
-        if p in ("*", event_type) or (p.endswith(".*") and event_type.startswith(p[:-1])):
-            return True
-    return False

@@ -152,9 +152,6 @@ SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM deliveries
 WHERE status IN ('pending', 'delivering');
 
--- name: outbox_waiting
-SELECT EXISTS (SELECT 1 FROM outbox WHERE fanned_out_at IS NULL);
-
 -- name: set_listener_idle
 INSERT INTO listeners (replica, idle, seen_at) VALUES ($1, $2, now())
 ON CONFLICT (replica) DO UPDATE SET idle = excluded.idle, seen_at = excluded.seen_at;

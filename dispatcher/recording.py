@@ -84,10 +84,6 @@ class ResultWriter:
             asyncio.Lock()
         )  # the flusher and a shutdown drain must not write one batch twice
 
-    @property
-    def backlog(self) -> int:
-        return len(self._buffer)
-
     def add(self, result: Result) -> None:
         self._buffer.append(result)
         self._has_items.set()

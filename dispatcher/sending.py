@@ -3,7 +3,6 @@ and every connection checked against the address policy at connect time (no SSRF
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import time
@@ -178,9 +177,3 @@ def _retry_after(value: str | None) -> float | None:
 def _first_line(exc: BaseException | None) -> str:
     text = str(exc).strip() if exc is not None else ""
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-async def close_quietly(sender: Sender) -> None:
-    """Close the session, letting in-progress TLS shutdowns end."""
-    await sender.close()
-    await asyncio.sleep(0)

@@ -191,7 +191,7 @@ async def test_a_hanging_receiver_times_out_without_slowing_a_healthy_endpoint(
     )
 
 
-async def test_refused_connections_and_blocked_addresses_are_recorded_failures(
+async def test_loopback_destinations_are_blocked_at_connect_time_unless_allowed(
     db: Db, receiver: Receiver, daemon_factory: Daemons
 ) -> None:
     await db.add_endpoint("http://127.0.0.1:9/refused", tenant="refused")
