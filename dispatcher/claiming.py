@@ -1,10 +1,16 @@
-"""Claiming: fan new outbox rows out to deliveries, and claim due deliveries under a lease."""
+"""Claiming: fan new outbox rows out to deliveries, and claim due deliveries under a lease.
+
+Both only take as much as this process has free slots for, globally and per endpoint, so a
+claimed job always starts at once; fresh events are claimed in the same statement that fans
+them out, and only work that did not fit waits in `deliveries` as pending.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from .db import Executor, Q
 
@@ -25,48 +31,97 @@ class Job:
     ordering_key: str | None
 
 
-async def fan_out(conn: Executor, limit: int, first_delay: float) -> tuple[int, int]:
-    """Fan out up to `limit` outbox rows; returns (events, deliveries created)."""
-    row = await conn.fetchrow(Q["fan_out"], limit, first_delay)
-    assert row is not None
-    return int(row["events"]), int(row["deliveries"])
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """What this process can take on now: `free` in all; per endpoint, what is left of its cap
+    for endpoints already busy here (others get their max_in_flight or `default_per_endpoint`)."""
+
+    free: int
+    by_endpoint: Mapping[int, int]
+    default_per_endpoint: int
+
+    @property
+    def saturated(self) -> list[int]:
+        """Endpoints with no free slot here."""
+        return [eid for eid, n in self.by_endpoint.items() if n <= 0]
+
+    def after(self, claimed: Claimed) -> Slots:
+        """The slots left once the `claimed` jobs are running."""
+        by_endpoint = dict(self.by_endpoint)
+        for j in claimed.jobs:
+            left = by_endpoint.get(j.endpoint_id, claimed.caps[j.endpoint_id])
+            by_endpoint[j.endpoint_id] = left - 1
+        return Slots(self.free - len(claimed.jobs), by_endpoint, self.default_per_endpoint)
+
+    def _args(self) -> tuple[list[int], list[int], list[int]]:
+        busy = [(eid, n) for eid, n in self.by_endpoint.items() if n > 0]
+        return self.saturated, [eid for eid, _ in busy], [n for _, n in busy]
 
 
-async def claim(
-    conn: Executor,
-    limit: int,
-    free_by_endpoint: Mapping[int, int],
-    default_per_endpoint: int,
-    lease: float,
-) -> list[Job]:
-    """Claim up to `limit` due deliveries, respecting each endpoint's free slots here."""
-    saturated = [eid for eid, free in free_by_endpoint.items() if free <= 0]
-    busy = [(eid, free) for eid, free in free_by_endpoint.items() if free > 0]
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    """What one fan-out did: events taken from the outbox, and the deliveries it claimed."""
+
+    events: int
+    deliveries: int
+    jobs: list[Job]
+
+
+async def fan_out(conn: Executor, slots: Slots, lease: float, first_delay: float) -> FanOut:
+    """Fan out up to `slots.free` outbox rows, claiming the new deliveries that fit a slot."""
+    saturated, busy_ids, busy_free = slots._args()
+    rows = await conn.fetch(
+        Q["fan_out"],
+        slots.free,
+        saturated,
+        busy_ids,
+        busy_free,
+        slots.default_per_endpoint,
+        lease,
+        first_delay,
+    )
+    events = len({r["seq"] for r in rows})
+    deliveries = sum(1 for r in rows if r["id"] is not None)
+    return FanOut(events, deliveries, [_job(r) for r in rows if r["status"] == "delivering"])
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """Jobs claimed from the queue, and the in-flight cap of each of their endpoints."""
+
+    jobs: list[Job]
+    caps: Mapping[int, int]
+
+
+async def claim(conn: Executor, slots: Slots, lease: float) -> Claimed:
+    """Claim up to `slots.free` due deliveries (retries, expired leases, work that waited)."""
+    saturated, busy_ids, busy_free = slots._args()
     rows = await conn.fetch(
         Q["claim"],
-        limit,
+        slots.free,
         saturated,
-        [eid for eid, _ in busy],
-        [free for _, free in busy],
-        default_per_endpoint,
+        busy_ids,
+        busy_free,
+        slots.default_per_endpoint,
         lease,
     )
-    return [
-        Job(
-            delivery_id=r["id"],
-            attempt=r["attempts"],
-            endpoint_id=r["endpoint_id"],
-            endpoint_version=r["endpoint_version"],
-            event_id=r["event_id"],
-            tenant=r["tenant"],
-            event_type=r["event_type"],
-            payload=r["payload"],
-            occurred_at=r["occurred_at"],
-            ordering_key=r["ordering_key"],
-        )
-        for r in rows
-        if r["status"] == "delivering"
-    ]
+    jobs = [_job(r) for r in rows if r["status"] == "delivering"]
+    return Claimed(jobs, {r["endpoint_id"]: r["endpoint_cap"] for r in rows})
+
+
+def _job(r: Any) -> Job:
+    return Job(
+        delivery_id=r["id"],
+        attempt=r["attempts"],
+        endpoint_id=r["endpoint_id"],
+        endpoint_version=r["endpoint_version"],
+        event_id=r["event_id"],
+        tenant=r["tenant"],
+        event_type=r["event_type"],
+        payload=r["payload"],
+        occurred_at=r["occurred_at"],
+        ordering_key=r["ordering_key"],
+    )
 
 
 async def release(conn: Executor, jobs: Sequence[Job]) -> None:

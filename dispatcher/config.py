@@ -49,12 +49,17 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+# PostgreSQL's own values for the setting, weakest first.
+SYNCHRONOUS_COMMIT = ("off", "local", "remote_write", "on", "remote_apply")
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     dsn: str = "postgresql://dispatcher@localhost/loyalty"
     schema: str = "webhooks"
     pool_size: int = 8
     connect_timeout: float = 10.0
+    synchronous_commit: str = "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ class DeliveryConfig:
     max_response_bytes: int = 65536
     response_excerpt_bytes: int = 1024
     batch_size: int = 500
-    flush_interval: float = 0.02
+    flush_interval: float = 0.0
     poll_interval: float = 1.0
     shutdown_grace: float = 20.0
     user_agent: str = ""
@@ -248,6 +253,10 @@ def _validate(c: Config) -> None:
         raise bad("[database] connect_timeout", "must be between 1ms and 5m")
     if not 2 <= c.database.pool_size <= 100:
         raise bad("[database] pool_size", "must be between 2 and 100")
+    if c.database.synchronous_commit not in SYNCHRONOUS_COMMIT:
+        raise bad(
+            "[database] synchronous_commit", f"must be one of {', '.join(SYNCHRONOUS_COMMIT)}"
+        )
     d = c.delivery
     if not 1 <= d.concurrency <= 10000:
         raise bad("[delivery] concurrency", "must be between 1 and 10000")
@@ -275,8 +284,8 @@ def _validate(c: Config) -> None:
         )
     if not 0 < d.poll_interval <= 60:
         raise bad("[delivery] poll_interval", "must be between 1ms and 60s")
-    if not 0 < d.flush_interval <= 5:
-        raise bad("[delivery] flush_interval", "must be between 1ms and 5s")
+    if not 0 <= d.flush_interval <= 5:
+        raise bad("[delivery] flush_interval", "must be between 0s and 5s")
     if not 0 <= c.retry.jitter < 1:
         raise bad("[retry] jitter", "must be at least 0 and below 1")
     if c.disable.after_failures < 1:

@@ -13,13 +13,12 @@ import random
 import signal
 import time
 import uuid
-from collections import defaultdict
 from datetime import UTC, datetime
 
 import structlog
 
 from . import claiming
-from .claiming import Job
+from .claiming import Job, Slots
 from .clock import Clock, SystemClock, unix_now
 from .config import Config
 from .db import Executor, Q, check_schema, create_pool
@@ -30,6 +29,7 @@ from .listener import Listener
 from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
 from .retry import RetryPolicy
+from .scheduling import Scheduler
 from .sending import Outcome, Sender
 from .signing import SigningError, sign
 
@@ -58,11 +58,16 @@ class Dispatcher:
         self.ready = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._in_flight: dict[int, int] = defaultdict(int)
-        self._running_jobs: dict[asyncio.Task[None], Job] = {}
+        # Room to claim again: globally (`_room`), or for an endpoint that was at its cap.
+        self._room = asyncio.Event()
+        self._endpoint_room = asyncio.Event()
         self._endpoints: dict[int, Endpoint] = {}
+        self._scheduler = Scheduler(
+            config.delivery.concurrency, config.delivery.per_endpoint_concurrency, self._cap
+        )
+        self._running: dict[asyncio.Task[None], Job] = {}
+        # Claimed jobs that will not be sent after all (their endpoint answered 410): to release.
+        self._unsent: list[Job] = []
         # Endpoints this process saw answer 410, by config version, until the disable is
         # recorded and the version moves on: nothing more is sent to them meanwhile.
         self._gone: dict[int, int] = {}
@@ -77,7 +82,7 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._running)
 
     def not_ready(self) -> list[str]:
         """Which readiness checks fail (empty: ready)."""
@@ -105,7 +110,11 @@ class Dispatcher:
     async def run(self) -> None:
         """Run until `stop` is set, then finish or release in-flight work and return."""
         cfg = self.config
-        self.pool = await create_pool(cfg.database, max_inactive_connection_lifetime=60)
+        self.pool = await create_pool(
+            cfg.database,
+            max_inactive_connection_lifetime=60,
+            settings={"synchronous_commit": cfg.database.synchronous_commit},
+        )
         try:
             async with self.pool.acquire() as conn:
                 await check_schema(conn)
@@ -170,31 +179,35 @@ class Dispatcher:
     # The pump -------------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        d = self.config.delivery
         idle_marked = False
         db_failures = 0
         last_housekeeping = 0.0
         while not self.stop.is_set():
             self._wake.clear()
-            self._slot_freed.clear()
+            self._room.clear()
+            self._endpoint_room.clear()
+            slots = self._scheduler.claimable()
+            jobs: list[Job] = []
             try:
                 async with self.pool.acquire() as conn:
-                    events, _ = await claiming.fan_out(conn, d.batch_size, self.policy.first_delay)
-                    jobs, starved = await self._claim(conn)
+                    if self._unsent:
+                        unsent, self._unsent = self._unsent, []
+                        await claiming.release(conn, unsent)
+                    jobs, events, more = await self._take(conn, slots)
                     if events >= BUSY_EVENTS and idle_marked:
                         await conn.execute(Q["set_listener_idle"], self.replica, False)
                         idle_marked = False
                     if time.monotonic() - last_housekeeping > 60:
                         await conn.execute(Q["remove_stale_listeners"], STALE_LISTENER_AFTER)
                         last_housekeeping = time.monotonic()
-                    more = events >= d.batch_size or (jobs and not starved)
-                    if not more and not idle_marked:
+                    full = len(jobs) >= slots.free
+                    if not more and not full and not idle_marked:
                         # Ask to be notified, then look once more: a row committed between our
                         # last look and this flag would otherwise wait for the poll.
                         await conn.execute(Q["set_listener_idle"], self.replica, True)
                         idle_marked = True
                         more = True
-                    wait_for = 0.0 if more else await self._seconds_until_due(conn)
+                    wait_for = 0.0 if more or full else await self._seconds_until_due(conn)
                 db_failures = 0
                 self.database_ok = True
             except TRANSIENT_DB_ERRORS as exc:
@@ -207,46 +220,59 @@ class Dispatcher:
                     detail=str(exc)[:200],
                     retry_in_s=round(wait_for, 2),
                 )
-                jobs, starved = [], False
+                full = False
             if jobs:
                 await self._start(jobs)
-            if wait_for > 0:
-                await self._sleep(wait_for, starved)
+            if full or not self._scheduler.hungry():
+                # Enough is claimed: wait until running jobs have made room for a batch.
+                if not self._scheduler.hungry():
+                    await self._sleep(self.config.delivery.poll_interval, self._room)
+            elif wait_for > 0:
+                # An endpoint at its cap may have work waiting that only its own slots release.
+                saturated = bool(self._scheduler.claimable().saturated)
+                await self._sleep(
+                    wait_for, self._wake, *([self._endpoint_room] if saturated else [])
+                )
             else:
                 await asyncio.sleep(0)
 
-    async def _claim(self, conn: Executor) -> tuple[list[Job], bool]:
-        """Claim what fits in the free slots; `starved` means slots, not work, ran out."""
+    async def _take(self, conn: Executor, slots: Slots) -> tuple[list[Job], int, bool]:
+        """Claim due deliveries, then fan out new events into the slots still free.
+
+        Returns the jobs, the events fanned out, and whether more work is probably waiting.
+        """
         d = self.config.delivery
-        free = d.concurrency - len(self._tasks)
-        if free <= 0:
-            return [], True
-        per_endpoint = {}
-        for eid, n in self._in_flight.items():
-            cap = self._endpoint_cap(eid)
-            per_endpoint[eid] = cap - n
-        jobs = await claiming.claim(conn, free, per_endpoint, d.per_endpoint_concurrency, d.lease)
+        if slots.free <= 0:
+            return [], 0, False
+        claimed = await claiming.claim(conn, slots, d.lease)
+        jobs = claimed.jobs
+        more = len(jobs) >= slots.free
+        events = 0
+        left = slots.after(claimed)
+        if left.free > 0:
+            fanned = await claiming.fan_out(conn, left, d.lease, self.policy.first_delay)
+            jobs = jobs + fanned.jobs
+            events = fanned.events
+            more = more or events >= left.free
         if jobs:
             self.metrics.claim_batch.observe(len(jobs))
-        starved = len(jobs) >= free or any(v <= 0 for v in per_endpoint.values())
-        return jobs, starved
+        return jobs, events, more
 
-    def _endpoint_cap(self, endpoint_id: int) -> int:
+    def _cap(self, endpoint_id: int) -> int:
         ep = self._endpoints.get(endpoint_id)
         if ep is not None and ep.max_in_flight:
             return ep.max_in_flight
         return self.config.delivery.per_endpoint_concurrency
 
     async def _seconds_until_due(self, conn: Executor) -> float:
-        due = await conn.fetchval(Q["seconds_until_due"])
+        saturated = self._scheduler.claimable().saturated
+        due = await conn.fetchval(Q["seconds_until_due"], saturated)
         poll = self.config.delivery.poll_interval
         return poll if due is None else max(0.001, min(poll, float(due)))
 
-    async def _sleep(self, seconds: float, starved: bool) -> None:
-        waits = [self._wake.wait(), self.stop.wait()]
-        if starved:
-            waits.append(self._slot_freed.wait())
-        tasks = [asyncio.ensure_future(w) for w in waits]
+    async def _sleep(self, seconds: float, *events: asyncio.Event) -> None:
+        """Sleep until `seconds` pass, stop, or one of `events` is set."""
+        tasks = [asyncio.ensure_future(e.wait()) for e in (self.stop, *events)]
         try:
             await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -268,33 +294,40 @@ class Dispatcher:
                 return
             for row in rows:
                 self._endpoints[row["id"]] = Endpoint.from_row(row)
-        held_back = [j for j in jobs if self._gone.get(j.endpoint_id) == j.endpoint_version]
-        if held_back:
-            with contextlib.suppress(*TRANSIENT_DB_ERRORS):
-                await claiming.release(self.pool, held_back)
         for job in jobs:
-            endpoint = self._endpoints.get(job.endpoint_id)
-            if endpoint is None or self._gone.get(job.endpoint_id) == job.endpoint_version:
-                continue  # deleted meanwhile (its deliveries went with it), or gone (released)
-            self._in_flight[job.endpoint_id] += 1
+            if job.endpoint_id in self._endpoints:
+                self._scheduler.add(job)
+            # else: the endpoint was deleted meanwhile, and its deliveries with it
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start waiting jobs while slots allow."""
+        while (job := self._scheduler.next()) is not None:
+            endpoint = self._endpoints[job.endpoint_id]
+            if self._gone.get(job.endpoint_id) == job.endpoint_version:
+                # It answered 410: nothing more goes there until the disable is recorded.
+                self._scheduler.done(job.endpoint_id)
+                self._unsent.append(job)
+                self._wake.set()
+                continue
             task = asyncio.create_task(self._deliver(job, endpoint))
-            self._tasks.add(task)
-            self._running_jobs[task] = job
+            self._running[task] = job
             task.add_done_callback(self._finished)
-        self.metrics.in_flight.set(len(self._tasks))
+        self.metrics.in_flight.set(len(self._running))
 
     def _needs_refresh(self, job: Job) -> bool:
         ep = self._endpoints.get(job.endpoint_id)
         return ep is None or ep.version != job.endpoint_version
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        job = self._running_jobs.pop(task)
-        self._in_flight[job.endpoint_id] -= 1
-        if self._in_flight[job.endpoint_id] <= 0:
-            del self._in_flight[job.endpoint_id]
-        self._slot_freed.set()
-        self.metrics.in_flight.set(len(self._tasks))
+        job = self._running.pop(task)
+        if self._scheduler.done(job.endpoint_id):
+            self._endpoint_room.set()
+        if not self.stop.is_set():
+            self._launch()
+        if self._scheduler.hungry():
+            self._room.set()
+        self.metrics.in_flight.set(len(self._running))
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery_crashed", delivery_id=job.delivery_id, error=repr(task.exception()))
 
@@ -331,16 +364,18 @@ class Dispatcher:
         """Let in-flight requests finish within the grace period, record them, release the rest."""
         grace = self.config.delivery.shutdown_grace
         deadline = time.monotonic() + grace
-        if self._tasks:
-            finishing = asyncio.ensure_future(asyncio.wait(set(self._tasks), timeout=grace))
+        unfinished = self._scheduler.take_waiting() + self._unsent
+        if self._running:
+            finishing = asyncio.ensure_future(asyncio.wait(set(self._running), timeout=grace))
             hard = asyncio.ensure_future(self._hard_stop.wait())
             await asyncio.wait({finishing, hard}, return_when=asyncio.FIRST_COMPLETED)
             finishing.cancel()
             hard.cancel()
-        unfinished = [self._running_jobs[t] for t in self._tasks if t in self._running_jobs]
-        for t in list(self._tasks):
+        unfinished += [job for t, job in self._running.items() if not t.done()]
+        tasks = list(self._running)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         left = await self.writer.drain(max(deadline, time.monotonic() + 5))
         released = 0
         if unfinished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,12 +77,15 @@ async def connect(config: DatabaseConfig, *, check: bool = True) -> asyncpg.Conn
     return conn
 
 
-async def create_pool(config: DatabaseConfig, **kwargs: Any) -> asyncpg.Pool:
-    """A connection pool for the daemon or the CLI, or DatabaseError with a clear line."""
+async def create_pool(
+    config: DatabaseConfig, *, settings: Mapping[str, str] | None = None, **kwargs: Any
+) -> asyncpg.Pool:
+    """A connection pool for the daemon or the CLI, or DatabaseError with a clear line.
+    `settings` adds server settings for every connection of the pool."""
+    options = connect_kwargs(config)
+    options["server_settings"].update(settings or {})
     try:
-        pool = await asyncpg.create_pool(
-            min_size=1, max_size=config.pool_size, **connect_kwargs(config), **kwargs
-        )
+        pool = await asyncpg.create_pool(min_size=1, max_size=config.pool_size, **options, **kwargs)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(describe_connect_error(config, exc)) from None
     assert pool is not None

@@ -3,11 +3,16 @@
 -- Hot-path statements are set-based: one statement per batch, never one per row.
 
 -- name: fan_out
--- Turn up to $1 new outbox rows into one delivery per subscribed endpoint, due after $2 seconds
--- (the schedule's first delay), and mark the rows.
+-- Turn up to $1 new outbox rows into one delivery per subscribed endpoint, and mark the rows.
+-- Deliveries that fit a free slot here are claimed on the spot (status delivering, attempt 1,
+-- leased for $6 seconds) and returned with their event, so a fresh event costs one write
+-- before it is sent; the rest wait as pending (due after $7, the schedule's first delay) or
+-- paused. Slots: at most $1 claims in all, $4 for each endpoint in $3, none for those in $2,
+-- otherwise the endpoint's max_in_flight or $5.
 -- SKIP LOCKED lets replicas fan out side by side; the unique key makes a repeat a no-op.
+-- One row per event; events without a subscribed endpoint come back with a null delivery.
 WITH ev AS MATERIALIZED (
-    SELECT seq, event_id, tenant, event_type
+    SELECT seq, event_id, tenant, event_type, payload, occurred_at, ordering_key
     FROM outbox
     WHERE fanned_out_at IS NULL
     ORDER BY seq
@@ -17,17 +22,41 @@ WITH ev AS MATERIALIZED (
     UPDATE outbox o SET fanned_out_at = now()
     FROM ev
     WHERE o.seq = ev.seq
-), inserted AS (
-    INSERT INTO deliveries (event_seq, event_id, endpoint_id, status, next_attempt_at)
-    SELECT ev.seq, ev.event_id, e.id, CASE WHEN e.enabled THEN 'pending' ELSE 'paused' END,
-           now() + make_interval(secs => $2)
+), quota AS (
+    SELECT q.endpoint_id, q.free FROM unnest($3::bigint[], $4::int[]) AS q (endpoint_id, free)
+), targets AS (
+    SELECT ev.seq, ev.event_id, e.id AS endpoint_id, e.enabled,
+           e.enabled AND $7::float8 = 0 AND e.id <> ALL ($2::bigint[])
+           AND row_number() OVER (PARTITION BY e.id ORDER BY ev.seq)
+               <= coalesce(q.free, e.max_in_flight, $5) AS fits
     FROM ev
     JOIN endpoints e ON e.tenant = ev.tenant AND event_matches(e.event_types, ev.event_type)
-    ORDER BY ev.seq, e.id
+    LEFT JOIN quota q ON q.endpoint_id = e.id
+), placed AS (
+    SELECT t.seq, t.event_id, t.endpoint_id, t.enabled,
+           t.fits AND sum(t.fits::int) OVER (ORDER BY t.seq, t.endpoint_id) <= $1 AS claimed
+    FROM targets t
+), inserted AS (
+    INSERT INTO deliveries (event_seq, event_id, endpoint_id, status, attempts, next_attempt_at,
+                            last_attempt_at)
+    SELECT p.seq, p.event_id, p.endpoint_id,
+           CASE WHEN p.claimed THEN 'delivering' WHEN p.enabled THEN 'pending' ELSE 'paused' END,
+           CASE WHEN p.claimed THEN 1 ELSE 0 END,
+           now() + make_interval(secs => CASE WHEN p.claimed THEN $6 ELSE $7 END),
+           CASE WHEN p.claimed THEN now() END
+    FROM placed p
+    ORDER BY p.seq, p.endpoint_id
     ON CONFLICT (event_seq, endpoint_id) DO NOTHING
-    RETURNING 1
+    RETURNING id, event_seq, endpoint_id, status, attempts
 )
-SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM inserted) AS deliveries;
+SELECT ev.seq, i.id, i.attempts, i.status, i.endpoint_id, e.version AS endpoint_version,
+       ev.event_id, ev.tenant, ev.event_type,
+       CASE WHEN i.status = 'delivering' THEN ev.payload::text END AS payload,
+       ev.occurred_at, ev.ordering_key
+FROM ev
+LEFT JOIN inserted i ON i.event_seq = ev.seq
+LEFT JOIN endpoints e ON e.id = i.endpoint_id
+ORDER BY ev.seq, i.id;
 
 -- name: claim
 -- Claim up to $1 due deliveries (or ones whose lease ran out), at most $5-per-endpoint free
@@ -67,7 +96,7 @@ SET status = CASE WHEN e.enabled THEN 'delivering' ELSE 'paused' END,
 FROM chosen c, endpoints e, outbox o
 WHERE d.id = c.id AND e.id = d.endpoint_id AND o.seq = d.event_seq
 RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_version,
-          o.event_id, o.tenant, o.event_type, o.payload::text AS payload, o.occurred_at,
+          coalesce(e.max_in_flight, $5) AS endpoint_cap, o.event_id, o.tenant, o.event_type, o.payload::text AS payload, o.occurred_at,
           o.ordering_key;
 
 -- name: record_results
@@ -147,10 +176,12 @@ WITH enabled AS (
 SELECT (SELECT count(*) FROM enabled) AS found, (SELECT count(*) FROM resumed) AS resumed;
 
 -- name: seconds_until_due
--- How long until the earliest pending delivery or lease is due (NULL: nothing queued).
+-- How long until the earliest pending delivery or lease is due (NULL: nothing queued),
+-- leaving out endpoints in $1, which have no free slot here and will say when they do.
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM deliveries
-WHERE status IN ('pending', 'delivering');
+WHERE status IN ('pending', 'delivering')
+  AND endpoint_id <> ALL ($1::bigint[]);
 
 -- name: set_listener_idle
 INSERT INTO listeners (replica, idle, seen_at) VALUES ($1, $2, now())

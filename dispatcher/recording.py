@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -95,8 +96,9 @@ class ResultWriter:
         failures = 0
         while True:
             await self._has_items.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self._flush_interval)
+            if self._flush_interval > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._flush_interval)
             try:
                 await self.flush()
                 failures = 0
@@ -218,8 +220,12 @@ def _attempt_record(r: Result, state: tuple[str, datetime] | None) -> tuple[obje
 
 
 def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:
+    # Successes are logged at debug only; skip building their fields when that is off.
+    debug = log.is_enabled_for(logging.DEBUG)
     for r in batch:
         job, o = r.job, r.outcome
+        if o.ok and not debug:
+            continue
         fields = {
             "event_id": job.event_id,
             "tenant": job.tenant,

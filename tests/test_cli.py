@@ -14,7 +14,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dispatcher.db import Q, migrations
+from dispatcher import claiming
+from dispatcher.claiming import Slots
+from dispatcher.db import migrations
 from dispatcher.endpoints import Endpoint
 from dispatcher.signing import fingerprint, generate_secret, validate_secret
 from tests.conftest import Db
@@ -324,9 +326,9 @@ async def test_disable_pauses_pending_deliveries_and_enable_resumes_them(db: Db)
     target, _ = await db.add_endpoint(URL, tenant="shop-1")
     other, _ = await db.add_endpoint(URL, tenant="shop-1")
     await db.insert_events(3, tenant="shop-1")
-    fanned = await db.conn.fetchrow(Q["fan_out"], 100, 0.0)
-    assert fanned is not None
-    assert (fanned["events"], fanned["deliveries"]) == (3, 6)
+    # A first delay keeps the fanned-out deliveries pending rather than claimed.
+    fanned = await claiming.fan_out(db.conn, Slots(100, {}, 8), lease=60, first_delay=0.5)
+    assert (fanned.events, fanned.deliveries, fanned.jobs) == (3, 6, [])
 
     async def statuses(eid: int) -> dict[str, int]:
         rows = await db.conn.fetch(
