@@ -208,11 +208,12 @@ def _pg_message(exc: asyncpg.PostgresError) -> str:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from .daemon import Dispatcher
+    from .daemon import Dispatcher, tune_gc
 
     async def go() -> int:
         d = Dispatcher(config)
         d.install_signals()
+        tune_gc()
         await d.run()
         return 0
 

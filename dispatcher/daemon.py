@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import signal
 import time
@@ -35,8 +36,11 @@ from .signing import SigningError, sign
 
 log = structlog.get_logger("dispatcher")
 
-# Below this many new events per fan-out the pump counts as idle and asks to be notified.
-BUSY_EVENTS = 8
+# While work keeps coming the pump polls every BUSY_POLL seconds and asks for no notifications,
+# which cost the backend's commits a cluster-wide lock; only after IDLE_AFTER seconds without
+# any work does it register as idle and sleep until notified (or the poll interval).
+BUSY_POLL = 0.002
+IDLE_AFTER = 0.5
 STALE_LISTENER_AFTER = 600.0
 
 
@@ -182,6 +186,7 @@ class Dispatcher:
         idle_marked = False
         db_failures = 0
         last_housekeeping = 0.0
+        last_work = time.monotonic()
         while not self.stop.is_set():
             self._wake.clear()
             self._room.clear()
@@ -194,20 +199,28 @@ class Dispatcher:
                         unsent, self._unsent = self._unsent, []
                         await claiming.release(conn, unsent)
                     jobs, events, more = await self._take(conn, slots)
-                    if events >= BUSY_EVENTS and idle_marked:
-                        await conn.execute(Q["set_listener_idle"], self.replica, False)
-                        idle_marked = False
-                    if time.monotonic() - last_housekeeping > 60:
+                    now = time.monotonic()
+                    if events or jobs:
+                        last_work = now
+                        if idle_marked:
+                            await conn.execute(Q["set_listener_idle"], self.replica, False)
+                            idle_marked = False
+                    if now - last_housekeeping > 60:
                         await conn.execute(Q["remove_stale_listeners"], STALE_LISTENER_AFTER)
-                        last_housekeeping = time.monotonic()
+                        last_housekeeping = now
                     full = len(jobs) >= slots.free
-                    if not more and not full and not idle_marked:
+                    if more or full:
+                        wait_for = 0.0
+                    elif not idle_marked and now - last_work < IDLE_AFTER:
+                        wait_for = BUSY_POLL
+                    elif not idle_marked:
                         # Ask to be notified, then look once more: a row committed between our
                         # last look and this flag would otherwise wait for the poll.
                         await conn.execute(Q["set_listener_idle"], self.replica, True)
                         idle_marked = True
-                        more = True
-                    wait_for = 0.0 if more or full else await self._seconds_until_due(conn)
+                        wait_for = 0.0
+                    else:
+                        wait_for = await self._seconds_until_due(conn)
                 db_failures = 0
                 self.database_ok = True
             except TRANSIENT_DB_ERRORS as exc:
@@ -388,6 +401,15 @@ class Dispatcher:
             released=released,
             unrecorded=left,
         )
+
+
+def tune_gc() -> None:
+    """For the daemon's process: collect garbage less often. Each delivery leaves short-lived
+    cycles (aiohttp's request and response objects), and with the default thresholds the
+    collector runs thousands of times a second under load. What exists at start-up (modules,
+    config) is frozen out of every scan."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 async def _first_done(*tasks: asyncio.Task[None]) -> BaseException | None:

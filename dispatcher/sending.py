@@ -87,7 +87,10 @@ class Sender:
             headers={"User-Agent": user_agent or USER_AGENT},
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
+            # Receivers' cookies are never sent back: each delivery stands alone.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def close(self) -> None:
         await self._session.close()
@@ -114,7 +117,7 @@ class Sender:
                 data=body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=self._timeout(timeout),
             ) as resp:
                 raw = await self._read_capped(resp)
                 excerpt = raw[: self.excerpt_bytes].decode("utf-8", "replace")
@@ -144,6 +147,13 @@ class Sender:
             return done(None, "tls_error", _first_line(exc))
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return done(None, "connect_error", _first_line(exc))
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """One ClientTimeout per distinct value, made once (there are only a few)."""
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """Read the body up to the cap; beyond it drop the connection rather than drain it."""
