@@ -72,6 +72,11 @@ class Dispatcher:
         self._running: dict[asyncio.Task[None], Job] = {}
         # Claimed jobs that will not be sent after all (their endpoint answered 410): to release.
         self._unsent: list[Job] = []
+        # Whether `deliveries` may hold due rows this process has not seen (a retry it recorded,
+        # work that did not fit at fan-out). While only fresh events flow, the pump skips the
+        # claim query; it still runs it every poll interval for what other processes leave.
+        self._queue_dirty = True
+        self._last_claim = 0.0
         # Endpoints this process saw answer 410, by config version, until the disable is
         # recorded and the version moves on: nothing more is sent to them meanwhile.
         self._gone: dict[int, int] = {}
@@ -138,7 +143,7 @@ class Dispatcher:
                 batch_size=d.batch_size,
                 flush_interval=d.flush_interval,
                 metrics=self.metrics,
-                on_retry_recorded=self._wake.set,
+                on_retry_recorded=self._retry_recorded,
             )
             try:
                 http = await start_http(cfg.http.listen, self.metrics, self.not_ready)
@@ -198,6 +203,8 @@ class Dispatcher:
                     if self._unsent:
                         unsent, self._unsent = self._unsent, []
                         await claiming.release(conn, unsent)
+                    if idle_marked:
+                        self._queue_dirty = True  # woken by a due time, a retry or the poll
                     jobs, events, more = await self._take(conn, slots)
                     now = time.monotonic()
                     if events or jobs:
@@ -257,19 +264,33 @@ class Dispatcher:
         d = self.config.delivery
         if slots.free <= 0:
             return [], 0, False
-        claimed = await claiming.claim(conn, slots, d.lease)
-        jobs = claimed.jobs
-        more = len(jobs) >= slots.free
+        jobs: list[Job] = []
+        more = False
+        left = slots
+        now = time.monotonic()
+        if self._queue_dirty or now - self._last_claim >= d.poll_interval:
+            self._queue_dirty = False
+            self._last_claim = now
+            claimed = await claiming.claim(conn, slots, d.lease)
+            jobs = claimed.jobs
+            more = self._queue_dirty = len(jobs) >= slots.free
+            left = slots.after(claimed)
         events = 0
-        left = slots.after(claimed)
         if left.free > 0:
             fanned = await claiming.fan_out(conn, left, d.lease, self.policy.first_delay)
             jobs = jobs + fanned.jobs
             events = fanned.events
             more = more or events >= left.free
+            if fanned.deliveries > len(fanned.jobs):
+                self._queue_dirty = True  # some did not fit (or are paused): queued as pending
         if jobs:
             self.metrics.claim_batch.observe(len(jobs))
         return jobs, events, more
+
+    def _retry_recorded(self) -> None:
+        """The writer scheduled a retry: it may be due before the pump would look again."""
+        self._queue_dirty = True
+        self._wake.set()
 
     def _cap(self, endpoint_id: int) -> int:
         ep = self._endpoints.get(endpoint_id)
@@ -335,6 +356,7 @@ class Dispatcher:
     def _finished(self, task: asyncio.Task[None]) -> None:
         job = self._running.pop(task)
         if self._scheduler.done(job.endpoint_id):
+            self._queue_dirty = True  # its pending rows can be claimed again
             self._endpoint_room.set()
         if not self.stop.is_set():
             self._launch()

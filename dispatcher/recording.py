@@ -41,7 +41,16 @@ ATTEMPT_COLUMNS = (
     "next_attempt_at",
 )
 
-TRANSIENT_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# What a lost or restarting database raises. InternalClientError is asyncpg's "another operation
+# is in progress", seen when the server goes away in the middle of a statement; the pool drops
+# that connection when it is released.
+TRANSIENT_DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True, slots=True)
