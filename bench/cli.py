@@ -22,12 +22,18 @@ from bench import report
 from bench.backend_cost import BackendCostResult, run_backend_cost
 from bench.ceiling import CeilingResult, run_ceiling
 from bench.drain import DrainResult, run_drain
+from bench.fairness import FairnessResult, run_fairness
 from bench.harness import Context
 from bench.latency import LatencyResult, run_latency
+from bench.peer import SETTINGS as PEER_SETTINGS
+from bench.peer import SMOKE_SETTINGS as PEER_SMOKE_SETTINGS
+from bench.peer import PeerResult, run_peer
 from bench.receiver import Receiver, start_receiver
+from bench.replicas import ReplicasResult, run_replicas
+from bench.scale import ScaleResult, count_label, run_scale
 from dispatcher.pgcluster import EphemeralPostgres
 
-SCENARIOS = ("ceiling", "drain", "latency", "backend")
+SCENARIOS = ("ceiling", "drain", "latency", "backend", "peer", "scale", "fairness", "replicas")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CALIBRATION_EVENTS = 10_000
 T = TypeVar("T")
@@ -52,6 +58,11 @@ class Settings:
     profile: bool
     output: Path | None
     smoke: bool
+    scale_events: list[int]
+    fairness_events: int
+    fairness_seconds: float
+    fairness_load: float
+    replicas_events: int
 
 
 def _int_list(text: str) -> list[int]:
@@ -118,7 +129,23 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--profile", action="store_true", help="py-spy the dispatcher during drain")
     p.add_argument("--output", type=Path, help="JSON path (default bench/results/<time>.json)")
     p.add_argument("--smoke", action="store_true", help="tiny run (CI): 2000 events, 1 s phases")
+    p.add_argument(
+        "--scale-events",
+        type=_int_list,
+        default=[10_000, 1_000_000],
+        help="scale: backlog sizes, smallest and largest compared (10000,1000000)",
+    )
+    p.add_argument("--fairness-events", type=int, default=50_000, help="fairness backlog (50000)")
+    p.add_argument("--fairness-seconds", type=_positive, default=10.0, help="fairness load phase")
+    p.add_argument(
+        "--fairness-load", type=_positive, default=0.5, help="fairness: of healthy drain rate"
+    )
+    p.add_argument("--replicas-events", type=int, default=50_000, help="replicas backlog (50000)")
     a = p.parse_args(argv)
+    if len(set(a.scale_events)) < 2:
+        p.error("--scale-events needs two different sizes, e.g. 10000,1000000")
+    if a.fairness_events < 1 or a.replicas_events < 1:
+        p.error("--fairness-events and --replicas-events must be at least 1")
     if a.events < 1:
         p.error("--events must be at least 1")
     settings = Settings(
@@ -137,12 +164,21 @@ def parse_args(argv: list[str] | None) -> Settings:
         profile=a.profile,
         output=a.output,
         smoke=a.smoke,
+        scale_events=a.scale_events,
+        fairness_events=a.fairness_events,
+        fairness_seconds=a.fairness_seconds,
+        fairness_load=a.fairness_load,
+        replicas_events=a.replicas_events,
     )
     if a.smoke:
         settings.events = min(settings.events, 2_000)
         settings.duration = settings.ceiling_seconds = settings.insert_seconds = 1.0
         settings.insert_rounds = 1
         settings.install = False
+        settings.scale_events = [1_000, 4_000]
+        settings.fairness_events = min(settings.fairness_events, 1_000)
+        settings.fairness_seconds = 1.0
+        settings.replicas_events = min(settings.replicas_events, 2_000)
     return settings
 
 
@@ -273,7 +309,31 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
         )
         if backend is not None:
             _show(report.backend_cost_table(backend))
+    peer: PeerResult | None = None
+    if "peer" in s.only:
+        peer_settings = PEER_SMOKE_SETTINGS if s.smoke else PEER_SETTINGS
+        peer = await scenario("peer", run_peer(ctx, s.events, settings=peer_settings))
+        if peer is not None:
+            _show(report.peer_table(peer))
+    scale: ScaleResult | None = None
+    fairness: FairnessResult | None = None
+    replicas: ReplicasResult | None = None
+    if "scale" in s.only:
+        scale = await scenario("scale", run_scale(ctx, s.scale_events))
+        if scale is not None:
+            _show(report.scale_table(scale))
+    if "fairness" in s.only:
+        job = run_fairness(ctx, s.fairness_events, s.fairness_seconds, s.fairness_load)
+        fairness = await scenario("fairness", job)
+        if fairness is not None:
+            _show(report.fairness_table(fairness))
+    if "replicas" in s.only:
+        replicas = await scenario("replicas", run_replicas(ctx, s.replicas_events))
+        if replicas is not None:
+            _show(report.replicas_table(replicas))
     summary = _summary(ceiling, drain, latency, backend)
+    summary.update(_more_summary(scale, fairness, replicas))
+    summary.update(_peer_summary(peer, drain))
     data["summary"] = summary
     if ctx.notes:
         data["notes"] = ctx.notes
@@ -321,4 +381,33 @@ def _summary(
         for c in backend.cells:
             if c.producers == top and c.mode != "no trigger":
                 out[f"inserts/s at {top} producers, {c.mode} / no trigger"] = c.vs_no_trigger
+    return out
+
+
+def _peer_summary(peer: PeerResult | None, drain: DrainResult | None) -> dict[str, float | None]:
+    """pgqueuer's rate on the same job, and the dispatcher's relative to it."""
+    if peer is None:
+        return {}
+    out: dict[str, float | None] = {"peer deliveries/s": peer.deliveries_per_s}
+    if drain is not None:
+        out["drain / peer"] = round(drain.deliveries_per_s / peer.deliveries_per_s, 3)
+    return out
+
+
+def _more_summary(
+    scale: ScaleResult | None, fairness: FairnessResult | None, replicas: ReplicasResult | None
+) -> dict[str, float | None]:
+    """Headline ratios of the scale, fairness and replicas scenarios."""
+    out: dict[str, float | None] = {}
+    if scale is not None:
+        large, small = count_label(scale.runs[-1].events), count_label(scale.runs[0].events)
+        out[f"scale: {large} / {small} rate"] = scale.rate_ratio
+        out["scale: peak RSS MB"] = scale.large_peak_rss_mb
+    if fairness is not None:
+        out["fairness: healthy throughput with/without hanging"] = fairness.throughput_ratio
+        out["fairness: healthy p99 with/without hanging"] = fairness.p99_ratio
+        out["fairness: hanging attempts timed out"] = fairness.with_hanging.hanging_timeouts
+    if replicas is not None:
+        out["replicas: 2 / 1"] = replicas.ratio
+        out["replicas: duplicate sends"] = replicas.duplicate_sends
     return out

@@ -11,12 +11,14 @@ from bench import procs
 from bench.harness import (
     Context,
     CpuMeter,
+    DaemonProcess,
     add_endpoint,
     connect,
     drop_schema,
     fresh_schema,
     insert_backlog,
     start_daemon,
+    stop_all,
 )
 from bench.profiling import PySpy
 
@@ -25,6 +27,13 @@ POLL_S = 0.5  # each check costs PostgreSQL a few ms of scanning; the rate comes
 _DONE = """
 SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE fanned_out_at IS NULL)
    AND NOT EXISTS (SELECT 1 FROM deliveries WHERE status IN ('pending', 'delivering'))
+"""
+# Sends beyond one per delivery: successes recorded twice, and any attempt past the first.
+_EXTRA = """
+SELECT count(*) FILTER (WHERE decision = 'succeeded')
+         - count(DISTINCT delivery_id) FILTER (WHERE decision = 'succeeded') AS duplicates,
+       count(*) - count(DISTINCT delivery_id) AS extra
+FROM attempts
 """
 _STATS = """
 SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
@@ -49,24 +58,42 @@ class DrainResult:
     failed_attempts: int
     cores: dict[str, float] = field(default_factory=dict)
     dispatcher_peak_rss_mb: float | None = None
+    """The highest of the dispatcher processes' peaks."""
     profile: dict[str, Any] | None = None
+    processes: int = 1
+    duplicate_successes: int = 0
+    """Attempts recorded as 'succeeded' beyond one per delivery (should be 0)."""
+    extra_attempts: int = 0
+    """Attempts beyond one per delivery, whatever their decision."""
 
 
-async def run_drain(ctx: Context, events: int, *, profile: bool = False) -> DrainResult:
-    """Queue `events` events, start the dispatcher, wait until every one has succeeded."""
-    config = await fresh_schema(ctx.dsn, "drain")
+async def run_drain(
+    ctx: Context, events: int, *, profile: bool = False, label: str = "drain", processes: int = 1
+) -> DrainResult:
+    """Queue `events` events, start the dispatcher (`processes` of them on the same schema, for
+    the replicas scenario), wait until every event has succeeded."""
+    config = await fresh_schema(ctx.dsn, label)
     conn = await connect(config)
     try:
         await add_endpoint(conn, ctx.receiver.url)
         await insert_backlog(conn, events)
-        daemon = start_daemon(config, ctx.workdir, "drain")
-        meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
-        meter.start()
+        daemons: list[DaemonProcess] = []
         spy: PySpy | None = None
         try:
+            for k in range(processes):
+                name = label if processes == 1 else f"{label}-{k + 1}"
+                daemons.append(start_daemon(config, ctx.workdir, name))
+            daemon = daemons[0]
+            if processes == 1:
+                sources = {"dispatcher": daemon.cpu_seconds}
+            else:
+                sources = {f"disp{k + 1}": d.cpu_seconds for k, d in enumerate(daemons)}
+            meter = CpuMeter(ctx.cpu_sources(**sources))
+            meter.start()
             deadline = time.monotonic() + 60 + events / 200
             while not await conn.fetchval(_DONE):
-                daemon.check_alive()
+                for d in daemons:
+                    d.check_alive()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"drain of {events} events not finished by the deadline")
                 if (
@@ -81,14 +108,17 @@ async def run_drain(ctx: Context, events: int, *, profile: bool = False) -> Drai
                         ctx.notes.append("--profile: py-spy is not installed (pip install py-spy)")
                 await asyncio.sleep(POLL_S)
             cores = meter.cores()
-            rss = daemon.peak_rss_mb()
+            peaks = [r for d in daemons if (r := d.peak_rss_mb()) is not None]
+            rss = max(peaks) if peaks else None
             summary = spy.stop() if spy is not None else None
             if spy is not None and summary is None:
                 ctx.notes.append(f"py-spy wrote no profile: {procs.log_tail(spy.log_path, 3)}")
         finally:
-            daemon.stop()
+            stop_all(daemons)
         row = await conn.fetchrow(_STATS)
+        extra = await conn.fetchrow(_EXTRA)
         assert row is not None
+        assert extra is not None
         failed = await conn.fetchval("SELECT count(*) FROM attempts WHERE decision <> 'succeeded'")
         if row["succeeded"] != events:
             raise RuntimeError(f"{row['succeeded']} of {events} deliveries succeeded")
@@ -104,6 +134,9 @@ async def run_drain(ctx: Context, events: int, *, profile: bool = False) -> Drai
             cores=cores,
             dispatcher_peak_rss_mb=None if rss is None else round(rss, 1),
             profile=None if summary is None else asdict(summary),
+            processes=processes,
+            duplicate_successes=int(extra["duplicates"]),
+            extra_attempts=int(extra["extra"]),
         )
     finally:
         await drop_schema(conn, config)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from dispatcher.signing import generate_secret
 TENANT = "shop-1"
 EVENT_TYPE = "points.earned"
 ENDPOINT_MAX_IN_FLIGHT = 256
+BACKLOG_BATCH = 100_000  # rows per INSERT of a backlog
 
 # A loyalty event of realistic size (about 250 bytes of JSON), the same in SQL and Python.
 PAYLOAD_SQL = """jsonb_build_object(
@@ -139,16 +140,23 @@ async def add_endpoint(conn: asyncpg.Connection, url: str) -> int:
     return int(eid)
 
 
-async def insert_backlog(conn: asyncpg.Connection, n: int) -> None:
-    """N events in one multi-row INSERT, then analyzed and checkpointed like a settled table."""
-    await conn.execute(
-        "INSERT INTO outbox (tenant, event_type, payload)"
-        f" SELECT $1, $2, {PAYLOAD_SQL} FROM generate_series(1, $3) AS i",
-        TENANT,
-        EVENT_TYPE,
-        n,
-        timeout=600,
-    )
+async def insert_backlog(
+    conn: asyncpg.Connection, n: int, *, tenants: Sequence[str] = (TENANT,)
+) -> None:
+    """N events (round-robin over `tenants`) in multi-row INSERTs of at most BACKLOG_BATCH rows,
+    so a million-row backlog is a series of bounded statements; then analyzed and checkpointed
+    like a settled table. `i` is bigint: PAYLOAD_SQL's i * 7919 overflows int4 past 271,000."""
+    for first in range(1, n + 1, BACKLOG_BATCH):
+        await conn.execute(
+            "INSERT INTO outbox (tenant, event_type, payload)"
+            f" SELECT ($1::text[])[1 + (i - 1) % cardinality($1::text[])], $2, {PAYLOAD_SQL}"
+            " FROM generate_series($3::bigint, $4::bigint) AS i",
+            list(tenants),
+            EVENT_TYPE,
+            first,
+            min(n, first + BACKLOG_BATCH - 1),
+            timeout=600,
+        )
     await conn.execute("VACUUM (ANALYZE) outbox", timeout=600)
     await conn.execute("CHECKPOINT", timeout=600)
 
@@ -202,6 +210,18 @@ def start_daemon(config: DatabaseConfig, workdir: Path, name: str) -> DaemonProc
     started_at = time.time()
     proc = procs.spawn([sys.executable, "-m", "dispatcher", "run"], log_path=log_path, env=env)
     return DaemonProcess(proc, log_path, started_at)
+
+
+def stop_all(daemons: Sequence[DaemonProcess]) -> None:
+    """Stop every daemon, even when stopping one of them fails (the first failure is raised)."""
+    failures: list[BaseException] = []
+    for daemon in daemons:
+        try:
+            daemon.stop()
+        except (OSError, subprocess.SubprocessError) as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 async def wait_idle_listener(conn: asyncpg.Connection, daemon: DaemonProcess) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +35,7 @@ _INSERT = (
 # occurred_at holds the producer's schedule, so created_at - occurred_at is how late an insert
 # started: the producer's own lag, reported to show whether the schedule was kept; p99 from the
 # schedule (lag + latency) is the figure free of coordinated omission.
-_STATS = """
+STATS = """
 SELECT count(*) AS n,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
        percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
@@ -98,11 +98,11 @@ async def run_latency(
                 meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
                 meter.start()
                 first = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
-                achieved, n = await _produce(producers, rate, seconds)
+                achieved, n = await produce(producers, rate, seconds)
                 last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
-                await _wait_delivered(conn, daemon.check_alive, first, last, n, drain_rate)
+                await wait_delivered(conn, daemon.check_alive, first, last, n, drain_rate)
                 cores = meter.cores()
-                row = await conn.fetchrow(_STATS, first, last)
+                row = await conn.fetchrow(STATS, first, last)
                 assert row is not None
                 points.append(
                     LatencyPoint(
@@ -129,10 +129,14 @@ async def run_latency(
         await conn.close()
 
 
-async def _produce(
-    conns: list[asyncpg.Connection], rate: float, seconds: float
+async def produce(
+    conns: list[asyncpg.Connection],
+    rate: float,
+    seconds: float,
+    tenants: Sequence[str] = (TENANT,),
 ) -> tuple[float, int]:
-    """Insert events on the clock's schedule (open loop); returns the rate achieved and count."""
+    """Insert events on the clock's schedule (open loop), round-robin over `tenants`; returns the
+    rate achieved and the count."""
     # Several connections share the schedule, so one slow commit does not hold up the next.
     loop = asyncio.get_running_loop()
     n = max(1, round(rate * seconds))
@@ -145,7 +149,8 @@ async def _produce(
         while (item := await queue.get()) is not None:
             i, offset = item
             scheduled = datetime.fromtimestamp(wall0 + offset, UTC)
-            await conn.execute(_INSERT, TENANT, EVENT_TYPE, texts[i % 1000], scheduled, timeout=30)
+            tenant = tenants[i % len(tenants)]
+            await conn.execute(_INSERT, tenant, EVENT_TYPE, texts[i % 1000], scheduled, timeout=30)
 
     workers = [asyncio.create_task(insert(c)) for c in conns]
     try:
@@ -165,7 +170,7 @@ async def _produce(
     return (n / elapsed if elapsed > 0 else float(n)), n
 
 
-async def _wait_delivered(
+async def wait_delivered(
     conn: asyncpg.Connection,
     check_alive: Callable[[], None],
     first: int,
@@ -173,6 +178,8 @@ async def _wait_delivered(
     n: int,
     drain_rate: float,
 ) -> None:
+    """Wait until `n` deliveries of outbox rows (first, last] have succeeded (bounded by a
+    deadline that grows with n)."""
     deadline = time.monotonic() + 30 + 3 * n / max(drain_rate, 1.0)
     while True:
         done = await conn.fetchval(

@@ -13,7 +13,11 @@ from typing import Any
 from bench.backend_cost import MODES, BackendCostResult
 from bench.ceiling import CeilingResult
 from bench.drain import DrainResult
+from bench.fairness import FairnessResult, FairnessRun
 from bench.latency import LatencyResult
+from bench.peer import PeerResult, PeerRun
+from bench.replicas import ReplicasResult
+from bench.scale import ScaleResult
 
 _SHORT = {"dispatcher": "disp", "postgres": "pg", "receiver": "recv", "bench": "bench"}
 _PACKAGES = ("loyalty-webhook-dispatcher", "aiohttp", "asyncpg", "uvloop", "orjson")
@@ -174,6 +178,33 @@ def backend_cost_table(r: BackendCostResult) -> str:
     return table(title, headers, rows)
 
 
+def peer_table(r: PeerResult) -> str:
+    """One row per pgqueuer setting tried on the calibration backlog, then the full run."""
+
+    def row(what: str, x: PeerRun) -> list[str]:
+        return [
+            what,
+            x.setting,
+            _n(x.events),
+            _n(x.deliveries_per_s),
+            _n(x.after_startup_per_s),
+            _n(x.seconds, 2),
+            _n(x.startup_s, 2),
+            str(x.failed_jobs),
+            _n(x.worker_peak_rss_mb, 1),
+            _cores(x.cores),
+        ]
+
+    rows = [row("calibration", x) for x in r.calibration] + [row("full (best)", r.best)]
+    headers = ["run", "setting", "events", "deliveries/s", "after start-up/s", "seconds"]
+    headers += ["start-up s", "failed jobs", "peak RSS MB", "cores used"]
+    title = (
+        f"peer: pgqueuer {r.pgqueuer_version} worker process (envelope, Standard Webhooks, "
+        "aiohttp), backlog queued first"
+    )
+    return table(title, headers, rows, left=[0, 1, 9])
+
+
 def summary_table(summary: dict[str, float | None]) -> str:
     """The headline numbers and ratios of the run."""
     rows = [
@@ -187,3 +218,91 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write the run's results, creating the directory if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def scale_table(r: ScaleResult) -> str:
+    """One drain per backlog size, then the large/small ratios and the large run's peak RSS."""
+    rows = [
+        [
+            _n(x.events),
+            _n(x.deliveries_per_s),
+            _n(x.after_startup_per_s),
+            _n(x.seconds, 2),
+            _n(x.startup_s, 2),
+            str(x.failed_attempts),
+            _n(x.dispatcher_peak_rss_mb, 1),
+            _cores(x.cores),
+        ]
+        for x in r.runs
+    ]
+    headers = ["events", "deliveries/s", "after start-up/s", "seconds", "start-up s"]
+    headers += ["failed attempts", "peak RSS MB", "cores used"]
+    text = table("scale: the drain at each backlog size", headers, rows, left=[7])
+    large, small = r.runs[-1].events, r.runs[0].events
+    return text + (
+        f"\n{large:,} / {small:,} events: {_n(r.rate_ratio, 3)} after start-up "
+        f"({_n(r.headline_ratio, 3)} from process start; target >= 0.9); "
+        f"peak RSS at {large:,}: {_n(r.large_peak_rss_mb, 1)} MB (target < 150)"
+    )
+
+
+def fairness_table(r: FairnessResult) -> str:
+    """The run without and the run with hanging endpoints; only healthy deliveries measured."""
+
+    def row(x: FairnessRun) -> list[str]:
+        return [
+            str(x.hanging_endpoints),
+            _n(x.events),
+            _n(x.healthy_events),
+            _n(x.healthy_per_s),
+            _n(x.healthy_per_s_from_start),
+            str(x.healthy_failed_attempts),
+            _n(x.healthy_offered_per_s),
+            _n(x.p50_ms, 1),
+            _n(x.p99_ms, 1),
+            _n(x.max_ms, 1),
+            f"{x.hanging_timeouts:,} / {x.hanging_attempts:,}",
+            _cores(x.cores),
+        ]
+
+    headers = ["hanging", "events", "healthy", "healthy/s", "from start/s", "healthy failed"]
+    headers += ["offered/s", "p50 ms", "p99 ms", "max ms", "hanging timed out / tries"]
+    headers += ["cores used (drain)"]
+    title = (
+        f"fairness: {r.healthy_endpoints} healthy endpoints, alone and beside "
+        f"{r.hanging_endpoints} that never answer (timeout {r.timeout_s:g} s); one tenant each, "
+        f"backlog drain then {r.load:.0%} load for {r.latency_seconds:g} s"
+    )
+    text = table(title, headers, [row(r.without), row(r.with_hanging)], left=[11])
+    w = r.with_hanging
+    return text + (
+        f"\nhealthy throughput with / without hanging: {_n(r.throughput_ratio, 3)} "
+        f"(target >= 0.9); healthy p99 with / without: {_n(r.p99_ratio, 2)}; "
+        f"{w.hanging_timeouts:,} of {w.hanging_attempts:,} hanging attempts timed out "
+        f"({w.hanging_connections:,} connections held)"
+    )
+
+
+def replicas_table(r: ReplicasResult) -> str:
+    """One and two processes on the same backlog, their CPU each, and any duplicate sends."""
+    rows = [
+        [
+            str(x.processes),
+            _n(x.events),
+            _n(x.deliveries_per_s),
+            _n(x.after_startup_per_s),
+            _n(x.seconds, 2),
+            str(x.duplicate_successes),
+            str(x.extra_attempts),
+            _n(x.dispatcher_peak_rss_mb, 1),
+            _cores(x.cores),
+        ]
+        for x in (r.one, r.two)
+    ]
+    headers = ["processes", "events", "deliveries/s", "after start-up/s", "seconds"]
+    headers += ["duplicate sends", "extra attempts", "peak RSS MB", "cores used"]
+    text = table("replicas: dispatcher processes sharing one schema", headers, rows, left=[8])
+    return text + (
+        f"\n2 / 1 processes: {_n(r.ratio, 3)} ({_n(r.after_startup_ratio, 3)} after start-up); "
+        f"duplicate sends: {r.duplicate_sends}"
+    )

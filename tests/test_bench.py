@@ -31,7 +31,16 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert data["receiver"]["kind"] in ("nginx", "python")
     assert _positive(data["machine"]["nproc"])
     scenarios = data["scenarios"]
-    assert set(scenarios) == {"ceiling", "drain", "latency", "backend_cost"}
+    assert set(scenarios) == {
+        "ceiling",
+        "drain",
+        "latency",
+        "backend_cost",
+        "peer",
+        "scale",
+        "fairness",
+        "replicas",
+    }
 
     ceiling = scenarios["ceiling"]
     assert _positive(ceiling["requests_per_s"])
@@ -55,5 +64,33 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert all(_positive(c["inserts_per_s"]) for c in cells)
     assert _positive(scenarios["backend_cost"]["idle_notifications"])
 
+    peer = scenarios["peer"]
+    assert peer["events"] == 2000
+    assert _positive(peer["deliveries_per_s"])
+    assert peer["best"]["failed_jobs"] == 0
+    assert all(_positive(run["deliveries_per_s"]) for run in peer["calibration"])
+
+    scale = scenarios["scale"]
+    assert [r["events"] for r in scale["runs"]] == [1000, 4000]
+    assert all(_positive(r["deliveries_per_s"]) for r in scale["runs"])
+    assert _positive(scale["rate_ratio"])
+    assert _positive(scale["large_peak_rss_mb"])
+
+    fairness = scenarios["fairness"]
+    for run in ("without", "with_hanging"):
+        for key in ("healthy_per_s", "healthy_events", "latency_events", "p50_ms", "p99_ms"):
+            assert _positive(fairness[run][key]), (run, key)
+        assert fairness[run]["healthy_failed_attempts"] == 0, run
+    assert fairness["with_hanging"]["hanging_endpoints"] == 5
+    assert _positive(fairness["with_hanging"]["hanging_attempts"])
+    assert _positive(fairness["throughput_ratio"])
+
+    replicas = scenarios["replicas"]
+    assert [replicas[k]["processes"] for k in ("one", "two")] == [1, 2]
+    assert all(_positive(replicas[k]["deliveries_per_s"]) for k in ("one", "two"))
+    assert _positive(replicas["ratio"])
+    assert replicas["duplicate_sends"] == 0
+
     assert _positive(data["summary"]["drain / ceiling"])
+    assert _positive(data["summary"]["drain / peer"])
     assert "results:" in proc.stdout
