@@ -6,8 +6,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import asyncpg
-
 from .config import DisableConfig
 
 
@@ -30,15 +28,26 @@ def streaks(outcomes: Iterable[tuple[int, bool]]) -> dict[int, Streak]:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """An endpoint's state after a batch changed its streak."""
+
+    endpoint_id: int
+    enabled: bool
+    consecutive_failures: int
+    failing_since: datetime | None
+
+
 def over_limit(
-    rows: Iterable[asyncpg.Record], policy: DisableConfig, now: datetime
+    endpoints: Iterable[Health], policy: DisableConfig, now: datetime
 ) -> list[tuple[int, str]]:
     """Enabled endpoints whose streak meets the policy: N failures spanning at least T."""
     span = timedelta(seconds=policy.after)
     found = []
-    for row in rows:
-        since: datetime | None = row["failing_since"]
-        failures: int = row["consecutive_failures"]
-        if row["enabled"] and since and failures >= policy.after_failures and now - since >= span:
-            found.append((row["id"], f"{failures} consecutive failures since {since.isoformat()}"))
+    for h in endpoints:
+        since, failures = h.failing_since, h.consecutive_failures
+        if h.enabled and since and failures >= policy.after_failures and now - since >= span:
+            found.append(
+                (h.endpoint_id, f"{failures} consecutive failures since {since.isoformat()}")
+            )
     return found

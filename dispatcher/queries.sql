@@ -100,24 +100,71 @@ RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_versi
           o.ordering_key;
 
 -- name: record_results
--- Write back a batch of finished attempts, fenced on the claim: a row another process has
--- re-claimed since (its lease ran out) keeps that process's state. Returns the rows written.
+-- Write back a batch of finished attempts in one statement (one round trip, one commit):
+-- the deliveries' new state, fenced on the claim (a row another process has re-claimed since
+-- its lease ran out keeps that process's state), one attempts row per try (decision
+-- 'superseded' when fenced off), and the endpoints' failure streaks ($15: endpoint, $16: a
+-- success was seen, $17: failures after the last success, $18: the injected clock's now).
+-- Returns the deliveries written and the endpoints whose streak changed, as arrays.
 -- Rows are found by primary key; the endpoint's enabled flag is a per-row lookup, so the
 -- planner is never tempted to reach deliveries through the endpoint index.
-UPDATE deliveries d
-SET status = CASE WHEN r.status = 'pending'
-                       AND NOT (SELECT e.enabled FROM endpoints e WHERE e.id = d.endpoint_id)
-                  THEN 'paused' ELSE r.status END,
-    next_attempt_at = CASE WHEN r.status = 'pending'
-                           THEN now() + make_interval(secs => r.delay)
-                           ELSE d.next_attempt_at END,
-    last_status_code = r.status_code,
-    last_error = r.error,
-    completed_at = CASE WHEN r.status IN ('succeeded', 'failed') THEN now() END
-FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[], $6::float8[])
-         AS r (id, attempt, status, status_code, error, delay)
-WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering'
-RETURNING d.id, d.status, d.next_attempt_at;
+WITH r AS (
+    SELECT *
+    FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[], $6::float8[],
+                $7::text[], $8::bigint[], $9::timestamptz[], $10::int[], $11::text[],
+                $12::text[], $13::text[], $14::text[])
+        AS r (id, attempt, status, status_code, error, delay, event_id, endpoint_id,
+              attempted_at, duration_ms, error_class, error_detail, excerpt, decision)
+), updated AS (
+    UPDATE deliveries d
+    SET status = CASE WHEN r.status = 'pending'
+                           AND NOT (SELECT e.enabled FROM endpoints e WHERE e.id = d.endpoint_id)
+                      THEN 'paused' ELSE r.status END,
+        next_attempt_at = CASE WHEN r.status = 'pending'
+                               THEN now() + make_interval(secs => r.delay)
+                               ELSE d.next_attempt_at END,
+        last_status_code = r.status_code,
+        last_error = r.error,
+        completed_at = CASE WHEN r.status IN ('succeeded', 'failed') THEN now() END
+    FROM r
+    WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering'
+    RETURNING d.id, d.status, d.next_attempt_at
+), logged AS (
+    INSERT INTO attempts (delivery_id, event_id, endpoint_id, attempt, attempted_at, duration_ms,
+                          status_code, error, error_detail, response_excerpt, decision,
+                          next_attempt_at)
+    SELECT r.id, r.event_id, r.endpoint_id, r.attempt, r.attempted_at, r.duration_ms,
+           r.status_code, r.error_class, r.error_detail, r.excerpt,
+           CASE WHEN u.id IS NULL THEN 'superseded'
+                WHEN u.status = 'paused' THEN 'paused'
+                ELSE r.decision END,
+           CASE WHEN u.status = 'pending' THEN u.next_attempt_at END
+    FROM r
+    LEFT JOIN updated u ON u.id = r.id
+), health AS (
+    UPDATE endpoints e
+    SET consecutive_failures = CASE WHEN h.succeeded THEN h.trailing_failures
+                                    ELSE e.consecutive_failures + h.trailing_failures END,
+        failing_since = CASE WHEN h.trailing_failures = 0 THEN NULL
+                             WHEN h.succeeded OR e.failing_since IS NULL THEN $18::timestamptz
+                             ELSE e.failing_since END,
+        last_success_at = CASE WHEN h.succeeded THEN $18::timestamptz ELSE e.last_success_at END,
+        last_failure_at = CASE WHEN h.trailing_failures > 0 THEN $18::timestamptz
+                               ELSE e.last_failure_at END
+    FROM unnest($15::bigint[], $16::bool[], $17::int[])
+        AS h (endpoint_id, succeeded, trailing_failures)
+    WHERE e.id = h.endpoint_id
+      AND NOT (h.trailing_failures = 0 AND e.consecutive_failures = 0
+               AND e.last_success_at IS NOT NULL)
+    RETURNING e.id, e.enabled, e.consecutive_failures, e.failing_since
+)
+SELECT (SELECT array_agg(id) FROM updated) AS ids,
+       (SELECT array_agg(status) FROM updated) AS statuses,
+       (SELECT array_agg(next_attempt_at) FROM updated) AS next_attempts,
+       (SELECT array_agg(id) FROM health) AS endpoint_ids,
+       (SELECT array_agg(enabled) FROM health) AS endpoint_enabled,
+       (SELECT array_agg(consecutive_failures) FROM health) AS endpoint_failures,
+       (SELECT array_agg(failing_since) FROM health) AS endpoint_failing_since;
 
 -- name: release_claims
 -- Hand claimed-but-unsent deliveries back (graceful stop): due now, the claim's attempt undone.
@@ -125,24 +172,6 @@ UPDATE deliveries d
 SET status = 'pending', attempts = d.attempts - 1, next_attempt_at = now()
 FROM unnest($1::bigint[], $2::int[]) AS r (id, attempt)
 WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'delivering';
-
--- name: update_health
--- Fold a batch's outcomes into each endpoint's failure streak. $2: a success was seen,
--- $3: failures after the last success, $4: the injected clock's now.
-UPDATE endpoints e
-SET consecutive_failures = CASE WHEN r.succeeded THEN r.trailing_failures
-                                ELSE e.consecutive_failures + r.trailing_failures END,
-    failing_since = CASE WHEN r.trailing_failures = 0 THEN NULL
-                         WHEN r.succeeded OR e.failing_since IS NULL THEN $4::timestamptz
-                         ELSE e.failing_since END,
-    last_success_at = CASE WHEN r.succeeded THEN $4::timestamptz ELSE e.last_success_at END,
-    last_failure_at = CASE WHEN r.trailing_failures > 0 THEN $4::timestamptz
-                           ELSE e.last_failure_at END
-FROM unnest($1::bigint[], $2::bool[], $3::int[]) AS r (endpoint_id, succeeded, trailing_failures)
-WHERE e.id = r.endpoint_id
-  AND NOT (r.trailing_failures = 0 AND e.consecutive_failures = 0
-           AND e.last_success_at IS NOT NULL)
-RETURNING e.id, e.tenant, e.enabled, e.consecutive_failures, e.failing_since;
 
 -- name: disable_endpoints
 -- Disable endpoints and pause their pending deliveries; nothing is dropped.

@@ -1,5 +1,6 @@
 """Recording results: finished attempts are buffered and written back in batches, one
-transaction per batch (delivery state, the attempt log via COPY, endpoint health)."""
+statement per batch (delivery state, the attempt log, endpoint health), as soon as the
+previous write is done, so batches grow with the load and a quiet system writes at once."""
 
 from __future__ import annotations
 
@@ -19,27 +20,12 @@ from .claiming import Job
 from .clock import Clock
 from .config import DisableConfig
 from .db import Q
-from .health import over_limit, streaks
+from .health import Health, over_limit, streaks
 from .metrics import Metrics
 from .retry import Decision
 from .sending import Outcome
 
 log = structlog.get_logger("dispatcher")
-
-ATTEMPT_COLUMNS = (
-    "delivery_id",
-    "event_id",
-    "endpoint_id",
-    "attempt",
-    "attempted_at",
-    "duration_ms",
-    "status_code",
-    "error",
-    "error_detail",
-    "response_excerpt",
-    "decision",
-    "next_attempt_at",
-)
 
 # What a lost or restarting database raises. InternalClientError is asyncpg's "another operation
 # is in progress", seen when the server goes away in the middle of a statement; the pool drops
@@ -148,42 +134,55 @@ class ResultWriter:
         gone = {
             r.job.endpoint_id: r.decision.disable_reason for r in batch if r.decision.disable_reason
         }
-        async with self._pool.acquire() as conn, conn.transaction():
-            written = await conn.fetch(
+        jobs = [r.job for r in batch]
+        outcomes = [r.outcome for r in batch]
+        decisions = [r.decision for r in batch]
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
                 Q["record_results"],
-                [r.job.delivery_id for r in batch],
-                [r.job.attempt for r in batch],
-                [r.decision.status for r in batch],
-                [r.outcome.status_code for r in batch],
-                [r.outcome.summary for r in batch],
-                [r.decision.delay for r in batch],
-            )
-            state = {row["id"]: (row["status"], row["next_attempt_at"]) for row in written}
-            await conn.copy_records_to_table(
-                "attempts",
-                records=[_attempt_record(r, state.get(r.job.delivery_id)) for r in batch],
-                columns=ATTEMPT_COLUMNS,
-            )
-            health = await conn.fetch(
-                Q["update_health"],
+                [j.delivery_id for j in jobs],
+                [j.attempt for j in jobs],
+                [d.status for d in decisions],
+                [o.status_code for o in outcomes],
+                [o.summary for o in outcomes],
+                [d.delay for d in decisions],
+                [j.event_id for j in jobs],
+                [j.endpoint_id for j in jobs],
+                [r.attempted_at for r in batch],
+                [o.duration_ms for o in outcomes],
+                [o.error for o in outcomes],
+                [o.detail for o in outcomes],
+                [o.excerpt for o in outcomes],
+                [d.label for d in decisions],
                 list(by_endpoint),
                 [s.succeeded for s in by_endpoint.values()],
                 [s.trailing_failures for s in by_endpoint.values()],
                 now,
             )
+            assert row is not None
+            written = zip(row["statuses"] or (), row["next_attempts"] or (), strict=True)
+            state = dict(zip(row["ids"] or (), written, strict=True))
+            health = [
+                Health(*h)
+                for h in zip(
+                    row["endpoint_ids"] or (),
+                    row["endpoint_enabled"] or (),
+                    row["endpoint_failures"] or (),
+                    row["endpoint_failing_since"] or (),
+                    strict=True,
+                )
+            ]
             to_disable = dict(over_limit(health, self.disable, now))
             to_disable.update((eid, reason) for eid, reason in gone.items() if reason)
+            disabled = None
             if to_disable:
-                row = await conn.fetchrow(
+                disabled = await conn.fetchval(
                     Q["disable_endpoints"],
                     list(to_disable),
                     list(to_disable.values()),
                     "dispatcher",
                     now,
                 )
-                disabled = row["disabled"] if row else None
-            else:
-                disabled = None
         _log_batch(batch, state)
         if self._on_retry_recorded and any(st == "pending" for st, _ in state.values()):
             self._on_retry_recorded()
@@ -202,30 +201,6 @@ class ResultWriter:
                 reason=to_disable[eid],
                 last_errors=failures,
             )
-
-
-def _attempt_record(r: Result, state: tuple[str, datetime] | None) -> tuple[object, ...]:
-    if state is None:
-        decision, next_at = "superseded", None  # another claim owns the row now
-    else:
-        status, at = state
-        decision = "paused" if status == "paused" else r.decision.label
-        next_at = at if status == "pending" else None
-    o = r.outcome
-    return (
-        r.job.delivery_id,
-        r.job.event_id,
-        r.job.endpoint_id,
-        r.job.attempt,
-        r.attempted_at,
-        o.duration_ms,
-        o.status_code,
-        o.error,
-        o.detail,
-        o.excerpt,
-        decision,
-        next_at,
-    )
 
 
 def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:
