@@ -23,7 +23,7 @@ from bench.backend_cost import BackendCostResult, run_backend_cost
 from bench.ceiling import CeilingResult, run_ceiling
 from bench.drain import DrainResult, run_drain
 from bench.fairness import FairnessResult, run_fairness
-from bench.harness import Context
+from bench.harness import DISPATCHER_CONCURRENCY, Context
 from bench.latency import LatencyResult, run_latency
 from bench.peer import SETTINGS as PEER_SETTINGS
 from bench.peer import SMOKE_SETTINGS as PEER_SMOKE_SETTINGS
@@ -63,6 +63,7 @@ class Settings:
     fairness_seconds: float
     fairness_load: float
     replicas_events: int
+    dispatcher_concurrency: int
 
 
 def _int_list(text: str) -> list[int]:
@@ -140,12 +141,20 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument(
         "--fairness-load", type=_positive, default=0.5, help="fairness: of healthy drain rate"
     )
+    p.add_argument(
+        "--dispatcher-concurrency",
+        type=int,
+        default=DISPATCHER_CONCURRENCY,
+        help=f"the dispatcher's [delivery] concurrency ({DISPATCHER_CONCURRENCY})",
+    )
     p.add_argument("--replicas-events", type=int, default=50_000, help="replicas backlog (50000)")
     a = p.parse_args(argv)
     if len(set(a.scale_events)) < 2:
         p.error("--scale-events needs two different sizes, e.g. 10000,1000000")
     if a.fairness_events < 1 or a.replicas_events < 1:
         p.error("--fairness-events and --replicas-events must be at least 1")
+    if not 1 <= a.dispatcher_concurrency <= 10_000:
+        p.error("--dispatcher-concurrency must be between 1 and 10000")
     if a.events < 1:
         p.error("--events must be at least 1")
     settings = Settings(
@@ -169,6 +178,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         fairness_seconds=a.fairness_seconds,
         fairness_load=a.fairness_load,
         replicas_events=a.replicas_events,
+        dispatcher_concurrency=a.dispatcher_concurrency,
     )
     if a.smoke:
         settings.events = min(settings.events, 2_000)
@@ -226,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir=workdir,
                 results_dir=RESULTS_DIR if settings.output is None else output.parent,
                 stamp=stamp,
+                concurrency=settings.dispatcher_concurrency,
             )
             ok = _run_loop(_run(settings, ctx, data, output))
     except (KeyboardInterrupt, SystemExit):

@@ -65,6 +65,11 @@ class DrainResult:
     """Attempts recorded as 'succeeded' beyond one per delivery (should be 0)."""
     extra_attempts: int = 0
     """Attempts beyond one per delivery, whatever their decision."""
+    concurrency: int = 0
+    """The dispatcher's [delivery] concurrency (and the endpoint's max_in_flight)."""
+    cpu_us_per_delivery: dict[str, float] = field(default_factory=dict)
+    """CPU each process spent per delivery, in microseconds: cost, not speed, so it varies
+    less than the rate when the machine is shared."""
 
 
 async def run_drain(
@@ -75,14 +80,15 @@ async def run_drain(
     config = await fresh_schema(ctx.dsn, label)
     conn = await connect(config)
     try:
-        await add_endpoint(conn, ctx.receiver.url)
+        await add_endpoint(conn, ctx.receiver.url, ctx.concurrency)
         await insert_backlog(conn, events)
         daemons: list[DaemonProcess] = []
         spy: PySpy | None = None
         try:
             for k in range(processes):
                 name = label if processes == 1 else f"{label}-{k + 1}"
-                daemons.append(start_daemon(config, ctx.workdir, name))
+                daemon = start_daemon(config, ctx.workdir, name, concurrency=ctx.concurrency)
+                daemons.append(daemon)
             daemon = daemons[0]
             if processes == 1:
                 sources = {"dispatcher": daemon.cpu_seconds}
@@ -137,6 +143,10 @@ async def run_drain(
             processes=processes,
             duplicate_successes=int(extra["duplicates"]),
             extra_attempts=int(extra["extra"]),
+            concurrency=ctx.concurrency,
+            cpu_us_per_delivery={
+                name: round(c * seconds / events * 1e6, 1) for name, c in cores.items()
+            },
         )
     finally:
         await drop_schema(conn, config)

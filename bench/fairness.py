@@ -222,7 +222,9 @@ async def _run(
         )
         producers = [await connect(config) for _ in range(PRODUCERS)]
         connections_before = hang.connections if hang is not None else 0
-        daemon = start_daemon(config, ctx.workdir, f"fairness-{len(hanging)}-hanging")
+        daemon = start_daemon(
+            config, ctx.workdir, f"fairness-{len(hanging)}-hanging", concurrency=ctx.concurrency
+        )
         try:
             meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
             meter.start()

@@ -86,9 +86,9 @@ async def run_latency(
     conn = await connect(config)
     producers: list[asyncpg.Connection] = []
     try:
-        await add_endpoint(conn, ctx.receiver.url)
+        await add_endpoint(conn, ctx.receiver.url, ctx.concurrency)
         producers = [await connect(config) for _ in range(PRODUCERS)]
-        daemon = start_daemon(config, ctx.workdir, "latency")
+        daemon = start_daemon(config, ctx.workdir, "latency", concurrency=ctx.concurrency)
         try:
             await wait_idle_listener(conn, daemon)
             points = []

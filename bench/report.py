@@ -109,14 +109,18 @@ def drain_table(r: DrainResult) -> str:
             _n(r.startup_s, 2),
             str(r.failed_attempts),
             _n(r.dispatcher_peak_rss_mb, 1),
+            _n(r.cpu_us_per_delivery.get("dispatcher"), 0),
+            _n(r.cpu_us_per_delivery.get("postgres"), 0),
             _cores(r.cores),
         ]
     ]
     headers = ["events", "deliveries/s", "after start-up/s", "seconds", "start-up s"]
-    headers += ["failed attempts", "peak RSS MB", "cores used"]
-    text = table(
-        "drain: backlog in the outbox, one endpoint, dispatcher process", headers, rows, left=[7]
+    headers += ["failed attempts", "peak RSS MB", "disp CPU us/dlv", "pg CPU us/dlv", "cores used"]
+    title = (
+        "drain: backlog in the outbox, one endpoint, dispatcher process"
+        f" ([delivery] concurrency {r.concurrency}, endpoint max_in_flight {r.concurrency})"
     )
+    text = table(title, headers, rows, left=[9])
     if r.profile and r.profile.get("samples"):
         p = r.profile
         text += (
