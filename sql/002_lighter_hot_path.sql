@@ -18,3 +18,24 @@ ALTER TABLE outbox
     ADD CONSTRAINT outbox_event_id_printable_ascii_max_200
         CHECK (length(event_id) BETWEEN 1 AND 200 AND event_id !~ '[^!-~]') NOT VALID;
 ALTER TABLE outbox VALIDATE CONSTRAINT outbox_event_id_printable_ascii_max_200;
+
+-- The wake-up trigger runs once per insert statement of the backend's. A function-level
+-- search_path costs every call a save and restore of the setting; naming the schema in the
+-- body instead (written here, at migration time) leaves only the one-row lookup.
+DO $do$
+BEGIN
+    EXECUTE format($fn$
+        CREATE OR REPLACE FUNCTION outbox_wake_dispatcher() RETURNS trigger
+        LANGUAGE plpgsql
+        AS $body$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM %I.listeners WHERE idle) THEN
+                PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', '');
+            END IF;
+            RETURN NULL;
+        END
+        $body$
+    $fn$, current_schema());
+END
+$do$;
+ALTER FUNCTION outbox_wake_dispatcher() RESET ALL;
