@@ -60,11 +60,13 @@ class Slots:
 
 @dataclass(frozen=True, slots=True)
 class FanOut:
-    """What one fan-out did: events taken from the outbox, and the deliveries it claimed."""
+    """What one fan-out did: events taken from the outbox, the deliveries it claimed, and the
+    endpoints of those it left pending (no slot was free for them here)."""
 
     events: int
     deliveries: int
     jobs: list[Job]
+    left_pending: frozenset[int]
 
 
 async def fan_out(conn: Executor, slots: Slots, lease: float, first_delay: float) -> FanOut:
@@ -82,7 +84,9 @@ async def fan_out(conn: Executor, slots: Slots, lease: float, first_delay: float
     )
     events = len({r["seq"] for r in rows})
     deliveries = sum(1 for r in rows if r["id"] is not None)
-    return FanOut(events, deliveries, [_job(r) for r in rows if r["status"] == "delivering"])
+    jobs = [_job(r) for r in rows if r["status"] == "delivering"]
+    pending = frozenset(r["endpoint_id"] for r in rows if r["status"] == "pending")
+    return FanOut(events, deliveries, jobs, pending)
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,11 @@ class Dispatcher:
         # claim query; it still runs it every poll interval for what other processes leave.
         self._queue_dirty = True
         self._last_claim = 0.0
+        # Endpoints this process left rows pending for (no slot free at fan-out): a finished
+        # request to one of them is the moment to claim again. And when the earliest retry
+        # this process recorded falls due (monotonic), if sooner than the poll.
+        self._backlogged: set[int] = set()
+        self._retry_due = float("inf")
         # Endpoints this process saw answer 410, by config version, until the disable is
         # recorded and the version moves on: nothing more is sent to them meanwhile.
         self._gone: dict[int, int] = {}
@@ -268,12 +273,16 @@ class Dispatcher:
         more = False
         left = slots
         now = time.monotonic()
+        if now >= self._retry_due:
+            self._queue_dirty, self._retry_due = True, float("inf")
         if self._queue_dirty or now - self._last_claim >= d.poll_interval:
             self._queue_dirty = False
             self._last_claim = now
             claimed = await claiming.claim(conn, slots, d.lease)
             jobs = claimed.jobs
             more = self._queue_dirty = len(jobs) >= slots.free
+            if not more:
+                self._forget_drained(slots, claimed)
             left = slots.after(claimed)
         events = 0
         if left.free > 0:
@@ -281,15 +290,32 @@ class Dispatcher:
             jobs = jobs + fanned.jobs
             events = fanned.events
             more = more or events >= left.free
-            if fanned.deliveries > len(fanned.jobs):
-                self._queue_dirty = True  # some did not fit (or are paused): queued as pending
+            self._backlogged |= fanned.left_pending
+            if fanned.left_pending and len(fanned.jobs) >= left.free:
+                # Some did not fit for want of a global slot: claim them once one frees. (Had
+                # only endpoints' own caps held them back, those endpoints say when they have
+                # room, and scanning past their queued rows meanwhile would be wasted work.)
+                self._queue_dirty = True
         if jobs:
             self.metrics.claim_batch.observe(len(jobs))
         return jobs, events, more
 
-    def _retry_recorded(self) -> None:
-        """The writer scheduled a retry: it may be due before the pump would look again."""
-        self._queue_dirty = True
+    def _forget_drained(self, slots: Slots, claimed: claiming.Claimed) -> None:
+        """After a claim that was not cut short: endpoints that got less than their room have no
+        more due rows, so they are no longer backlogged."""
+        got: dict[int, int] = {}
+        for j in claimed.jobs:
+            got[j.endpoint_id] = got.get(j.endpoint_id, 0) + 1
+        saturated = set(slots.saturated)
+        for eid in list(self._backlogged):
+            room = slots.by_endpoint.get(eid, claimed.caps.get(eid, 1))
+            if eid not in saturated and got.get(eid, 0) < room:
+                self._backlogged.discard(eid)
+
+    def _retry_recorded(self, due_at: datetime) -> None:
+        """The writer scheduled a retry: claim again when it falls due, even while busy."""
+        delay = (due_at - datetime.now(UTC)).total_seconds()
+        self._retry_due = min(self._retry_due, time.monotonic() + max(0.0, delay))
         self._wake.set()
 
     def _cap(self, endpoint_id: int) -> int:
@@ -355,8 +381,9 @@ class Dispatcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         job = self._running.pop(task)
-        if self._scheduler.done(job.endpoint_id):
-            self._queue_dirty = True  # its pending rows can be claimed again
+        self._scheduler.done(job.endpoint_id)
+        if job.endpoint_id in self._backlogged:
+            self._queue_dirty = True  # its pending rows can be claimed now
             self._endpoint_room.set()
         if not self.stop.is_set():
             self._launch()

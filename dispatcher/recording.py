@@ -61,7 +61,7 @@ class ResultWriter:
         batch_size: int,
         flush_interval: float,
         metrics: Metrics | None = None,
-        on_retry_recorded: Callable[[], None] | None = None,
+        on_retry_recorded: Callable[[datetime], None] | None = None,
     ) -> None:
         self._pool = pool
         # The pump sleeps until the earliest due time it knows; a retry recorded after it went
@@ -184,8 +184,9 @@ class ResultWriter:
                     now,
                 )
         _log_batch(batch, state)
-        if self._on_retry_recorded and any(st == "pending" for st, _ in state.values()):
-            self._on_retry_recorded()
+        retries = [at for st, at in state.values() if st == "pending"]
+        if self._on_retry_recorded and retries:
+            self._on_retry_recorded(min(retries))
         m = self._metrics
         m.write_batch.observe(len(batch))
         for status, _ in state.values():

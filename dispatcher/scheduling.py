@@ -74,20 +74,16 @@ class Scheduler:
             self._startable[eid] = None  # to the back: the other endpoints go first
         return job
 
-    def done(self, endpoint_id: int) -> bool:
-        """Free a running job's slot; True when its endpoint has just become claimable again
-        (down to its cap in hand), so a pump waiting on that endpoint should look."""
+    def done(self, endpoint_id: int) -> None:
+        """Free a running job's slot."""
         left = self._running[endpoint_id] - 1
         if left:
             self._running[endpoint_id] = left
         else:
             del self._running[endpoint_id]
         self.running -= 1
-        waiting = self._waiting.get(endpoint_id)
-        if waiting:
+        if self._waiting.get(endpoint_id):
             self._startable[endpoint_id] = None
-        held = left + (len(waiting) if waiting else 0)
-        return held == self._cap(endpoint_id)
 
     def take_waiting(self, keep: Callable[[Job], bool] | None = None) -> list[Job]:
         """Remove waiting jobs (all, or those `keep` rejects) and return them, to release."""

@@ -93,16 +93,6 @@ def test_a_claim_is_wanted_when_a_batch_of_room_opens_or_the_queue_runs_dry() ->
     assert s.hungry()
 
 
-def test_done_says_when_an_endpoint_drops_back_to_its_cap_in_hand() -> None:
-    s = scheduler(concurrency=10, caps={1: 2})
-    for _ in range(4):
-        s.add(job(1))
-    start_all(s)
-    assert s.claimable().saturated == [1]  # 2 running + 2 waiting: twice its cap
-    assert s.done(1) is False  # 3 in hand
-    assert s.done(1) is True  # 2 in hand, its cap: worth claiming for again
-
-
 def test_take_waiting_hands_back_what_never_started() -> None:
     s = scheduler(concurrency=1, caps={1: 5})
     jobs = [job(1) for _ in range(3)]
