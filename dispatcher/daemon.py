@@ -455,10 +455,11 @@ class Dispatcher:
 def tune_gc() -> None:
     """For the daemon's process: collect garbage less often. Each delivery leaves short-lived
     cycles (aiohttp's request and response objects), and with the default thresholds the
-    collector runs thousands of times a second under load. What exists at start-up (modules,
-    config) is frozen out of every scan."""
+    collector runs thousands of times a second under load; much higher thresholds make each
+    collection a pause that shows in latency. What exists at start-up (modules, config) is
+    frozen out of every scan."""
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(5_000, 20, 20)
 
 
 async def _first_done(*tasks: asyncio.Task[None]) -> BaseException | None:
