@@ -86,6 +86,7 @@ class Dispatcher:
         # recorded and the version moves on: nothing more is sent to them meanwhile.
         self._gone: dict[int, int] = {}
         self.metrics = Metrics()
+        self.metrics.in_flight.set_function(lambda: len(self._running))
         self.listener = Listener(
             config.database,
             f"{config.database.schema}.outbox",
@@ -373,7 +374,6 @@ class Dispatcher:
             task = asyncio.create_task(self._deliver(job, endpoint))
             self._running[task] = job
             task.add_done_callback(self._finished)
-        self.metrics.in_flight.set(len(self._running))
 
     def _needs_refresh(self, job: Job) -> bool:
         ep = self._endpoints.get(job.endpoint_id)
@@ -389,7 +389,6 @@ class Dispatcher:
             self._launch()
         if self._scheduler.hungry():
             self._room.set()
-        self.metrics.in_flight.set(len(self._running))
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery_crashed", delivery_id=job.delivery_id, error=repr(task.exception()))
 
@@ -414,7 +413,6 @@ class Dispatcher:
             )
             outcome = await self.sender.send(endpoint.url, body, headers, timeout)
         decision = self.policy.decide(outcome, job.attempt)
-        self.metrics.attempts.labels("success" if outcome.ok else outcome.error or "error").inc()
         self.metrics.attempt_seconds.observe(outcome.duration_ms / 1000)
         if decision.disable_reason:
             self._gone[job.endpoint_id] = job.endpoint_version

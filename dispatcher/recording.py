@@ -9,6 +9,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -189,9 +190,14 @@ class ResultWriter:
             self._on_retry_recorded(min(retries))
         m = self._metrics
         m.write_batch.observe(len(batch))
-        for status, _ in state.values():
+        # Counted per batch: a labelled increment per delivery would cost more than the rest.
+        for outcome, n in Counter(
+            "success" if o.ok else o.error or "error" for o in outcomes
+        ).items():
+            m.attempts.labels(outcome).inc(n)
+        for status, n in Counter(st for st, _ in state.values()).items():
             if status in ("succeeded", "failed"):
-                m.deliveries.labels(status).inc()
+                m.deliveries.labels(status).inc(n)
         m.endpoints_disabled.inc(len(disabled or []))
         for eid in disabled or []:
             failures = [r.outcome.summary for r in batch if r.job.endpoint_id == eid][-3:]
