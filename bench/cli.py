@@ -30,10 +30,21 @@ from bench.peer import SMOKE_SETTINGS as PEER_SMOKE_SETTINGS
 from bench.peer import PeerResult, run_peer
 from bench.receiver import Receiver, start_receiver
 from bench.replicas import ReplicasResult, run_replicas
+from bench.retention import RetentionResult, retention_table, run_retention
 from bench.scale import ScaleResult, count_label, run_scale
 from dispatcher.pgcluster import EphemeralPostgres
 
-SCENARIOS = ("ceiling", "drain", "latency", "backend", "peer", "scale", "fairness", "replicas")
+SCENARIOS = (
+    "ceiling",
+    "drain",
+    "latency",
+    "backend",
+    "peer",
+    "scale",
+    "fairness",
+    "replicas",
+    "retention",
+)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CALIBRATION_EVENTS = 10_000
 T = TypeVar("T")
@@ -64,6 +75,8 @@ class Settings:
     fairness_load: float
     replicas_events: int
     dispatcher_concurrency: int
+    retention_rows: int = 1_000_000
+    retention_batch: int = 5000
 
 
 def _int_list(text: str) -> list[int]:
@@ -148,11 +161,27 @@ def parse_args(argv: list[str] | None) -> Settings:
         help=f"the dispatcher's [delivery] concurrency ({DISPATCHER_CONCURRENCY})",
     )
     p.add_argument("--replicas-events", type=int, default=50_000, help="replicas backlog (50000)")
+    p.add_argument(
+        "--retention-rows",
+        type=int,
+        default=1_000_000,
+        help="retention: old succeeded deliveries to prune (1000000)",
+    )
+    p.add_argument(
+        "--retention-batch",
+        type=int,
+        default=5000,
+        help="retention: [retention] batch, rows per statement (5000)",
+    )
     a = p.parse_args(argv)
     if len(set(a.scale_events)) < 2:
         p.error("--scale-events needs two different sizes, e.g. 10000,1000000")
     if a.fairness_events < 1 or a.replicas_events < 1:
         p.error("--fairness-events and --replicas-events must be at least 1")
+    if a.retention_rows < 1:
+        p.error("--retention-rows must be at least 1")
+    if not 1 <= a.retention_batch <= 100_000:
+        p.error("--retention-batch must be between 1 and 100000")
     if not 1 <= a.dispatcher_concurrency <= 10_000:
         p.error("--dispatcher-concurrency must be between 1 and 10000")
     if a.events < 1:
@@ -179,6 +208,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         fairness_load=a.fairness_load,
         replicas_events=a.replicas_events,
         dispatcher_concurrency=a.dispatcher_concurrency,
+        retention_rows=a.retention_rows,
+        retention_batch=a.retention_batch,
     )
     if a.smoke:
         settings.events = min(settings.events, 2_000)
@@ -189,6 +220,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         settings.fairness_events = min(settings.fairness_events, 1_000)
         settings.fairness_seconds = 1.0
         settings.replicas_events = min(settings.replicas_events, 2_000)
+        settings.retention_rows = min(settings.retention_rows, 5_000)
     return settings
 
 
@@ -342,9 +374,17 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
         replicas = await scenario("replicas", run_replicas(ctx, s.replicas_events))
         if replicas is not None:
             _show(report.replicas_table(replicas))
+    retention: RetentionResult | None = None
+    if "retention" in s.only:
+        retention = await scenario(
+            "retention", run_retention(ctx, s.retention_rows, s.retention_batch)
+        )
+        if retention is not None:
+            _show(retention_table(retention))
     summary = _summary(ceiling, drain, latency, backend)
     summary.update(_more_summary(scale, fairness, replicas))
     summary.update(_peer_summary(peer, drain))
+    summary.update(_retention_summary(retention))
     data["summary"] = summary
     if ctx.notes:
         data["notes"] = ctx.notes
@@ -422,3 +462,17 @@ def _more_summary(
         out["replicas: 2 / 1"] = replicas.ratio
         out["replicas: duplicate sends"] = replicas.duplicate_sends
     return out
+
+
+def _retention_summary(r: RetentionResult | None) -> dict[str, float | None]:
+    """The full pass's speed and the inserts' latency during it."""
+    if r is None:
+        return {}
+    return {
+        "retention: deliveries deleted/s": r.deliveries_per_s,
+        "retention: slowest statement ms": r.full.slowest_statement_ms,
+        "retention: insert p99 ms before": r.baseline.p99_ms,
+        "retention: insert p99 ms during": r.during.p99_ms,
+        "retention: insert max ms during": r.during.max_ms,
+        "retention: inserts seen waiting on a lock during": r.during.lock_waits,
+    }

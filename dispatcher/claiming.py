@@ -29,6 +29,13 @@ class Job:
     payload: str
     occurred_at: datetime
     ordering_key: str | None
+    # `attempts` when the delivery was last replayed: the retry policy counts from there.
+    attempt_base: int = 0
+
+    @property
+    def retry_attempt(self) -> int:
+        """This attempt's number in the current retry schedule (1-based; restarts on replay)."""
+        return self.attempt - self.attempt_base
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +116,11 @@ async def claim(conn: Executor, slots: Slots, lease: float) -> Claimed:
         slots.default_per_endpoint,
         lease,
     )
-    jobs = [_job(r) for r in rows if r["status"] == "delivering"]
+    jobs = [_job(r, r["attempt_base"]) for r in rows if r["status"] == "delivering"]
     return Claimed(jobs, {r["endpoint_id"]: r["endpoint_cap"] for r in rows})
 
 
-def _job(r: Any) -> Job:
+def _job(r: Any, attempt_base: int = 0) -> Job:
     return Job(
         delivery_id=r["id"],
         attempt=r["attempts"],
@@ -125,6 +132,7 @@ def _job(r: Any) -> Job:
         payload=r["payload"],
         occurred_at=r["occurred_at"],
         ordering_key=r["ordering_key"],
+        attempt_base=attempt_base,
     )
 
 

@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from . import __version__, logs
+from . import __version__, deliverylog, logs, probe, retention, rotation
 from .addresses import forbidden_address
+from .catalog import catalog, check_filters
 from .config import Config, ConfigError, format_duration, load_config, parse_duration
 from .db import DatabaseError, Q, connect, migrate
 from .endpoints import (
@@ -28,7 +29,8 @@ from .endpoints import (
     validate_profile,
     validate_url,
 )
-from .errors import DaemonCrashed, StartupError
+from .envelope import ENVELOPES, EnvelopeShape, InvalidEnvelope, shape_from_options
+from .errors import CliError, DaemonCrashed, StartupError
 from .signing import (
     PROFILES,
     SigningError,
@@ -40,10 +42,6 @@ from .signing import (
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class CliError(Exception):
-    """A failure to report as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--events", type=_positive_int, default=60, help="events to send (60)")
 
+    sub.add_parser(
+        "events",
+        parents=[common, listing],
+        help="the event types endpoints can subscribe to",
+    )
     ep = sub.add_parser("endpoint", parents=[common], help="manage subscriptions")
     eps = ep.add_subparsers(dest="action", required=True, parser_class=_Parser)
 
@@ -128,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--max-in-flight", type=_positive_int, metavar="N")
         p.add_argument("--timeout", type=_duration, metavar="DURATION")
+        p.add_argument(
+            "--allow-unknown-events",
+            action="store_true",
+            help="accept --events entries that match nothing in `dispatcher events`",
+        )
+        p.add_argument(
+            "--envelope",
+            choices=ENVELOPES,
+            help="full: the id/type/tenant/timestamp/data envelope (default); data: payload only",
+        )
+        p.add_argument(
+            "--field",
+            type=_field,
+            action="append",
+            metavar="FIELD=NAME",
+            help="send an envelope field (id, type, tenant, timestamp, data) as NAME (repeatable)",
+        )
 
     add = eps.add_parser("add", parents=[common, listing], help="add an endpoint")
     endpoint_options(add, adding=True)
@@ -142,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = eps.add_parser(verb, parents=[common, listing], help=f"{verb} an endpoint")
         p.add_argument("id", type=_positive_int)
         p.add_argument("--reason", default="")
+    rotation.add_parser(eps, common, listing)
+    probe.add_parser(eps, common, listing)
+    deliverylog.add_parsers(sub, common, listing)
+    retention.add_parser(sub, common, listing)
     return parser
 
 
@@ -296,19 +320,20 @@ class _NewEndpoint:
     events: list[str]
     headers: dict[str, str]
     secret: str
+    envelope: EnvelopeShape | None = None
 
 
 def _check_new_endpoint(args: argparse.Namespace, config: Config) -> _NewEndpoint:
     profile = validate_profile(_profile_from(args))
     url = _check_url(args.url, config)
-    events = validate_event_patterns((args.events or "").split(","))
+    events = _checked_events(args, config)
     headers = validate_headers(dict(args.header or []), profile)
     secret = args.secret or generate_secret(profile.kind)
     try:
         validate_secret(profile.kind, secret)
     except SigningError as exc:
         raise InvalidEndpoint(f"secret: {exc}") from None
-    return _NewEndpoint(profile, url, events, headers, secret)
+    return _NewEndpoint(profile, url, events, headers, secret, _envelope_from(args, None))
 
 
 async def cmd_endpoint_add(
@@ -334,6 +359,7 @@ async def cmd_endpoint_add(
         bool(args.ordered),
         args.max_in_flight,
         None if args.timeout is None else int(args.timeout * 1000),
+        *_envelope_columns(new.envelope),
     )
     if args.json:
         print(json.dumps({"id": eid, "secret": secret, "fingerprint": fingerprint(secret)}))
@@ -387,7 +413,7 @@ async def cmd_endpoint_update(
     if args.tenant is not None:
         changes["tenant"] = args.tenant
     if args.events is not None:
-        changes["event_types"] = validate_event_patterns(args.events.split(","))
+        changes["event_types"] = _checked_events(args, config, keep=row["event_types"])
     if args.description is not None:
         changes["description"] = args.description
     if args.ordered is not None:
@@ -396,6 +422,11 @@ async def cmd_endpoint_update(
         changes["max_in_flight"] = args.max_in_flight
     if args.timeout is not None:
         changes["timeout_ms"] = int(args.timeout * 1000)
+    if args.envelope is not None or args.field:
+        stored = EnvelopeShape.from_columns(row["envelope"], row["envelope_fields"])
+        changes["envelope"], changes["envelope_fields"] = _envelope_columns(
+            _envelope_from(args, stored)
+        )
     sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(changes, start=2))
     await conn.execute(f"UPDATE endpoints SET {sets} WHERE id = $1", args.id, *changes.values())
     row = await _fetch_endpoint(conn, args.id)
@@ -466,6 +497,7 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
         "url": row["url"],
         "events": list(row["event_types"]),
         "profile": row["profile"],
+        **_envelope_view(row),
         "enabled": row["enabled"],
         "secret_fingerprint": fingerprint(row["secret"]),
         "consecutive_failures": row["consecutive_failures"],
@@ -514,6 +546,7 @@ def _print_endpoints(rows: Sequence[asyncpg.Record], *, as_json: bool, detail: b
         "url",
         "events",
         "profile",
+        "envelope",
         "enabled",
         "pending",
         "paused",
@@ -544,12 +577,70 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+# events and envelopes -------------------------------------------------------------------------
+
+
+def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    """Print the catalog with the config's extra types; no database needed."""
+    types = catalog(config.events.extra)
+    if args.json:
+        print(json.dumps([t.to_json() for t in types]))
+        return 0
+    width = max(len("NAME"), *(len(t.name) for t in types))
+    print(f"{'NAME'.ljust(width)}  DESCRIPTION")
+    for t in types:
+        print(f"{t.name.ljust(width)}  {t.description}")
+    return 0
+
+
+def _field(text: str) -> tuple[str, str]:
+    """--field FIELD=NAME as a pair; which fields and names are valid is envelope.py's to say."""
+    field, sep, name = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=NAME (e.g. type=event)")
+    return field.strip(), name
+
+
+def _checked_events(
+    args: argparse.Namespace, config: Config, keep: Sequence[str] = ()
+) -> list[str]:
+    """--events as a filter each entry of which matches a catalog type (unless allowed not to);
+    entries in `keep`, already on the endpoint, pass so stored custom types need no new flag."""
+    events = validate_event_patterns((args.events or "").split(","))
+    if args.allow_unknown_events:
+        return events
+    return check_filters(events, (t.name for t in catalog(config.events.extra)), keep=keep)
+
+
+def _envelope_from(args: argparse.Namespace, stored: EnvelopeShape | None) -> EnvelopeShape | None:
+    """The stored shape changed by --envelope and --field; None is the contract's envelope."""
+    try:
+        return shape_from_options(stored, args.envelope, args.field or [])
+    except InvalidEnvelope as exc:
+        raise InvalidEndpoint(f"envelope: {exc}") from None
+
+
+def _envelope_columns(shape: EnvelopeShape | None) -> tuple[str | None, str | None]:
+    """The (envelope, envelope_fields) column values: NULLs for the contract's envelope."""
+    return (None, None) if shape is None else shape.columns()
+
+
+def _envelope_view(row: asyncpg.Record) -> dict[str, Any]:
+    """The envelope as listings show it: "full" or "data", and the renamed fields."""
+    shape = EnvelopeShape.from_columns(row["envelope"], row["envelope_fields"])
+    return {
+        "envelope": shape.kind if shape else "full",
+        "envelope_fields": shape.renames() if shape else {},
+    }
+
+
 DbCommand = Callable[[argparse.Namespace, Config, asyncpg.Connection], Awaitable[int]]
 
 _HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Config], int]] = {
     ("run", None): cmd_run,
     ("migrate", None): cmd_migrate,
     ("demo", None): cmd_demo,
+    ("events", None): cmd_events,
 }
 # Commands that work on one connection to a migrated schema.
 _DB_HANDLERS: dict[tuple[str, str | None], DbCommand] = {
@@ -559,6 +650,10 @@ _DB_HANDLERS: dict[tuple[str, str | None], DbCommand] = {
     ("endpoint", "show"): cmd_endpoint_show,
     ("endpoint", "enable"): cmd_endpoint_enable,
     ("endpoint", "disable"): cmd_endpoint_disable,
+    **deliverylog.DB_HANDLERS,
+    **rotation.DB_HANDLERS,
+    **probe.DB_HANDLERS,
+    **retention.DB_HANDLERS,
 }
 
 

@@ -20,6 +20,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _UNIT_DECIMAL = {unit: Decimal(str(v)) for unit, v in _UNIT_SECONDS.items()}
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# The outbox's rule for event_type (outbox_event_type_dotted_name_max_200).
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 class ConfigError(ValueError):
@@ -108,6 +110,34 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """Event types added to the default catalog (dispatcher.catalog) for this deployment."""
+
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OpsConfig:
+    """Operational events (endpoint disabled or recovered, delivery failed) go to this tenant's
+    endpoints through the outbox, so the backend can tell merchants; "" turns them off."""
+
+    tenant: str = ""
+    # endpoint.recovered only for failing streaks at least this long (1: any).
+    recovered_after_failures: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long finished deliveries (and their attempts and events) are kept, and how the
+    daemon prunes them: every `interval` ("0s": never), `batch` rows per statement."""
+
+    succeeded: float = 7 * 86400.0
+    failed: float = 30 * 86400.0
+    interval: float = 60.0
+    batch: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -116,6 +146,9 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -126,6 +159,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "security": SecurityConfig,
     "http": HttpConfig,
     "log": LogConfig,
+    "events": EventsConfig,
+    "ops": OpsConfig,
+    "retention": RetentionConfig,
 }
 # Keys whose values are durations in the file ("5s") and seconds in the dataclass.
 _DURATIONS = {
@@ -137,6 +173,9 @@ _DURATIONS = {
     ("delivery", "shutdown_grace"),
     ("retry", "retry_after_max"),
     ("disable", "after"),
+    ("retention", "succeeded"),
+    ("retention", "failed"),
+    ("retention", "interval"),
 }
 
 
@@ -205,6 +244,11 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
         if not isinstance(items, list) or not items:
             raise ValueError("must be a non-empty list of durations")
         return tuple(parse_duration(str(v)) for v in items)
+    if section == "events" and key == "extra":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("must be a list of event type names")
+        return tuple(v.strip() for v in items if v.strip())
     if (section, key) in _DURATIONS:
         if not isinstance(value, str):
             raise ValueError('must be a duration string with a unit, such as "5s"')
@@ -298,3 +342,25 @@ def _validate(c: Config) -> None:
         raise bad("[log] format", "must be json or console")
     if c.log.level not in ("debug", "info", "warning", "error"):
         raise bad("[log] level", "must be debug, info, warning or error")
+    r = c.retention
+    for key, value in (("succeeded", r.succeeded), ("failed", r.failed)):
+        if value < 60:
+            raise bad(f"[retention] {key}", "must be at least 1m")
+    if r.interval != 0 and not 0.01 <= r.interval <= 86400:
+        raise bad("[retention] interval", 'must be between 10ms and 1d, or "0s" (never)')
+    if not 1 <= r.batch <= 100_000:
+        raise bad("[retention] batch", "must be between 1 and 100000")
+    # The outbox's own rule for tenants (outbox_tenant_not_empty_max_200_no_control_chars).
+    if len(c.ops.tenant) > 200 or re.search(r"[\x00-\x1f\x7f-\x9f]", c.ops.tenant):
+        raise bad("[ops] tenant", "must be at most 200 characters without control characters")
+    if c.ops.tenant and not c.ops.tenant.strip():
+        raise bad("[ops] tenant", 'must name a tenant, or be "" to turn operational events off')
+    if c.ops.recovered_after_failures < 1:
+        raise bad("[ops] recovered_after_failures", "must be at least 1")
+    for name in c.events.extra:
+        if len(name) > 200 or not _EVENT_TYPE.match(name):
+            raise bad(
+                "[events] extra",
+                f"{name!r} is not an event type (dotted names of letters, digits, _ and -,"
+                " e.g. acme.points.gifted)",
+            )

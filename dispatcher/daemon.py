@@ -29,6 +29,7 @@ from .errors import DaemonCrashed, StartupError
 from .listener import Listener
 from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
+from .retention import Pruner
 from .retry import RetryPolicy
 from .scheduling import Scheduler
 from .sending import Outcome, Sender
@@ -150,6 +151,7 @@ class Dispatcher:
                 flush_interval=d.flush_interval,
                 metrics=self.metrics,
                 on_retry_recorded=self._retry_recorded,
+                ops=cfg.ops,
             )
             try:
                 http = await start_http(cfg.http.listen, self.metrics, self.not_ready)
@@ -162,6 +164,11 @@ class Dispatcher:
                 asyncio.create_task(self.listener.run(), name="listener"),
                 asyncio.create_task(self.writer.run(), name="writer"),
             ]
+            if cfg.retention.interval > 0:
+                pruner = Pruner(
+                    self.pool, cfg.retention, cfg.database.schema, self.metrics, self.stop.is_set
+                )
+                side_tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
             try:
                 log.info(
                     "dispatcher_started",
@@ -393,8 +400,16 @@ class Dispatcher:
             log.error("delivery_crashed", delivery_id=job.delivery_id, error=repr(task.exception()))
 
     async def _deliver(self, job: Job, endpoint: Endpoint) -> None:
-        attempted_at = datetime.now(UTC)
-        body = render_body(job.event_id, job.event_type, job.tenant, job.occurred_at, job.payload)
+        # The injected clock: which secrets are still valid is a policy spanning hours.
+        attempted_at = self.clock.now()
+        body = render_body(
+            job.event_id,
+            job.event_type,
+            job.tenant,
+            job.occurred_at,
+            job.payload,
+            endpoint.envelope,
+        )
         headers = dict(endpoint.headers)
         headers["Content-Type"] = "application/json"
         headers["webhook-event-type"] = job.event_type
@@ -412,7 +427,7 @@ class Dispatcher:
                 endpoint.timeout or self.config.delivery.timeout, self.config.delivery.lease / 2
             )
             outcome = await self.sender.send(endpoint.url, body, headers, timeout)
-        decision = self.policy.decide(outcome, job.attempt)
+        decision = self.policy.decide(outcome, job.retry_attempt)
         self.metrics.attempt_seconds.observe(outcome.duration_ms / 1000)
         if decision.disable_reason:
             self._gone[job.endpoint_id] = job.endpoint_version

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
+from .envelope import EnvelopeShape
 from .signing import SigningError, SigningProfile
 
 _EVENT_PATTERN = re.compile(r"^(\*|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?)$")
@@ -52,6 +53,8 @@ class Endpoint:
     timeout: float | None
     enabled: bool
     version: int
+    # None: the contract's envelope (render_body's fast path).
+    envelope: EnvelopeShape | None = None
 
     def secrets(self, now: datetime) -> list[str]:
         """Secrets to sign with, newest first: the rotated-out one only until it expires."""
@@ -87,6 +90,8 @@ class Endpoint:
             timeout=None if timeout_ms is None else timeout_ms / 1000.0,
             enabled=row["enabled"],
             version=row["version"],
+            # .get: rows from queries written before migration 004 have no envelope columns.
+            envelope=EnvelopeShape.from_columns(row.get("envelope"), row.get("envelope_fields")),
         )
 
 

@@ -7,3 +7,7 @@ class StartupError(RuntimeError):
 
 class DaemonCrashed(RuntimeError):
     """A part of the daemon failed unexpectedly; it stopped cleanly so systemd can restart it."""
+
+
+class CliError(Exception):
+    """A failure of a CLI command to report as one line (bad input, a missing row)."""

@@ -49,6 +49,15 @@ class Metrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=r,
         )
+        self.pruned = Counter(
+            "webhook_pruned_rows", "Rows deleted by retention", ["table"], registry=r
+        )
+        self.prune_passes = Counter(
+            "webhook_prune_passes",
+            "Retention passes: done, skipped (another process was pruning) or error",
+            ["outcome"],
+            registry=r,
+        )
 
 
 async def start_http(

@@ -97,7 +97,7 @@ FROM chosen c, endpoints e, outbox o
 WHERE d.id = c.id AND e.id = d.endpoint_id AND o.seq = d.event_seq
 RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_version,
           coalesce(e.max_in_flight, $5) AS endpoint_cap, o.event_id, o.tenant, o.event_type, o.payload::text AS payload, o.occurred_at,
-          o.ordering_key;
+          o.ordering_key, d.attempt_base;
 
 -- name: record_results
 -- Write back a batch of finished attempts in one statement (one round trip, one commit):
@@ -105,7 +105,9 @@ RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_versi
 -- its lease ran out keeps that process's state), one attempts row per try (decision
 -- 'superseded' when fenced off), and the endpoints' failure streaks ($15: endpoint, $16: a
 -- success was seen, $17: failures after the last success, $18: the injected clock's now).
--- Returns the deliveries written and the endpoints whose streak changed, as arrays.
+-- Returns the deliveries written and the endpoints whose streak changed, as arrays; for an
+-- endpoint whose failing streak this batch ended (a success after failures), also that streak's
+-- failure count and start (NULL otherwise).
 -- Rows are found by primary key; the endpoint's enabled flag is a per-row lookup, so the
 -- planner is never tempted to reach deliveries through the endpoint index.
 WITH r AS (
@@ -141,6 +143,18 @@ WITH r AS (
            CASE WHEN u.status = 'pending' THEN u.next_attempt_at END
     FROM r
     LEFT JOIN updated u ON u.id = r.id
+), ended AS (
+    -- Only endpoints with a success here and failures before it. FOR NO KEY UPDATE reads the
+    -- latest committed row, so when two processes record a success at once only the first
+    -- sees the streak (and reports the recovery); healthy endpoints are not locked.
+    SELECT p.id, p.consecutive_failures, p.failing_since
+    FROM endpoints p
+    WHERE p.id IN (SELECT s.endpoint_id FROM unnest($15::bigint[], $16::bool[])
+                       AS s (endpoint_id, succeeded)
+                   WHERE s.succeeded)
+      AND p.consecutive_failures > 0
+    ORDER BY p.id
+    FOR NO KEY UPDATE
 ), health AS (
     UPDATE endpoints e
     SET consecutive_failures = CASE WHEN h.succeeded THEN h.trailing_failures
@@ -153,10 +167,12 @@ WITH r AS (
                                ELSE e.last_failure_at END
     FROM unnest($15::bigint[], $16::bool[], $17::int[])
         AS h (endpoint_id, succeeded, trailing_failures)
+    LEFT JOIN ended x ON x.id = h.endpoint_id
     WHERE e.id = h.endpoint_id
       AND NOT (h.trailing_failures = 0 AND e.consecutive_failures = 0
                AND e.last_success_at IS NOT NULL)
-    RETURNING e.id, e.enabled, e.consecutive_failures, e.failing_since
+    RETURNING e.id, e.enabled, e.consecutive_failures, e.failing_since,
+              x.consecutive_failures AS ended_failures, x.failing_since AS ended_since
 )
 SELECT (SELECT array_agg(id) FROM updated) AS ids,
        (SELECT array_agg(status) FROM updated) AS statuses,
@@ -164,7 +180,9 @@ SELECT (SELECT array_agg(id) FROM updated) AS ids,
        (SELECT array_agg(id) FROM health) AS endpoint_ids,
        (SELECT array_agg(enabled) FROM health) AS endpoint_enabled,
        (SELECT array_agg(consecutive_failures) FROM health) AS endpoint_failures,
-       (SELECT array_agg(failing_since) FROM health) AS endpoint_failing_since;
+       (SELECT array_agg(failing_since) FROM health) AS endpoint_failing_since,
+       (SELECT array_agg(ended_failures) FROM health) AS endpoint_ended_failures,
+       (SELECT array_agg(ended_since) FROM health) AS endpoint_ended_since;
 
 -- name: release_claims
 -- Hand claimed-but-unsent deliveries back (graceful stop): due now, the claim's attempt undone.
@@ -226,15 +244,15 @@ DELETE FROM listeners WHERE seen_at < now() - make_interval(secs => $1);
 -- name: endpoints_by_id
 SELECT id, tenant, url, event_types, profile, signature_header, algorithm, encoding, signed,
        prefix, timestamp_header, secret, old_secret, old_secret_expires_at, headers, ordered,
-       max_in_flight, timeout_ms, enabled, version
+       max_in_flight, timeout_ms, enabled, version, envelope, envelope_fields
 FROM endpoints
 WHERE id = ANY ($1::bigint[]);
 
 -- name: insert_endpoint
 INSERT INTO endpoints (tenant, url, description, event_types, profile, signature_header,
                        algorithm, encoding, signed, prefix, timestamp_header, secret, headers,
-                       ordered, max_in_flight, timeout_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                       ordered, max_in_flight, timeout_ms, envelope, envelope_fields)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
 RETURNING id;
 
 -- name: list_endpoints
@@ -243,7 +261,7 @@ SELECT id, tenant, url, description, event_types, profile, signature_header, alg
        signed, prefix, timestamp_header, secret, old_secret, old_secret_expires_at, headers,
        ordered, max_in_flight, timeout_ms, enabled, disabled_reason, disabled_at, disabled_by,
        consecutive_failures, failing_since, last_success_at, last_failure_at, created_at,
-       updated_at,
+       updated_at, envelope, envelope_fields,
        (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending')
            AS pending,
        (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'paused')
@@ -252,3 +270,386 @@ FROM endpoints e
 WHERE ($1::text IS NULL OR tenant = $1)
   AND ($2::bigint IS NULL OR id = $2)
 ORDER BY id;
+
+-- name: list_deliveries
+-- The delivery log (dispatcher/deliverylog.py), newest first, at most $9.
+-- The CLI runs these with plan_cache_mode = force_custom_plan: each filter left NULL then folds
+-- away at planning, and each one set can use its index (the endpoint's, deliveries_by_endpoint;
+-- the event's, the outbox's unique event_id then the (event_seq, endpoint_id) key; otherwise the
+-- primary key). Filters, shared by the three selections: $1 delivery ids, $2 tenant (of the
+-- endpoint), $3 endpoint id, $4 event id, $5 event type, $6 statuses, $7 created at or after,
+-- $8 created before. The outbox is LEFT JOINed so deliveries outlive a pruned event.
+-- next_attempt_at is shown only while pending (waiting for a retry or a free slot): while
+-- delivering it is the claim's lease, not a time anyone waits for.
+SELECT d.id, d.event_id, o.event_type, o.tenant, d.endpoint_id, d.status, d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       d.last_attempt_at, d.last_status_code, d.last_error, d.created_at, d.completed_at,
+       d.replayed_at
+FROM deliveries d
+LEFT JOIN outbox o ON o.seq = d.event_seq
+WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1))
+  AND ($2::text IS NULL OR d.endpoint_id IN (SELECT t.id FROM endpoints t WHERE t.tenant = $2))
+  AND ($3::bigint IS NULL OR d.endpoint_id = $3)
+  AND ($4::text IS NULL OR d.event_seq = (SELECT x.seq FROM outbox x WHERE x.event_id = $4))
+  AND ($5::text IS NULL OR o.event_type = $5)
+  AND ($6::text[] IS NULL OR d.status = ANY ($6))
+  AND ($7::timestamptz IS NULL OR d.created_at >= $7)
+  AND ($8::timestamptz IS NULL OR d.created_at < $8)
+ORDER BY d.id DESC
+LIMIT $9;
+
+-- name: count_replayable
+-- What a replay with these filters would do: re-queue (as pending, or paused while the endpoint
+-- is disabled), or pass over because a claim holds the row (delivering).
+SELECT count(*) FILTER (WHERE d.status <> 'delivering') AS replayable,
+       count(*) FILTER (WHERE d.status <> 'delivering' AND NOT e.enabled) AS paused,
+       count(*) FILTER (WHERE d.status = 'delivering') AS in_flight
+FROM deliveries d
+JOIN endpoints e ON e.id = d.endpoint_id
+LEFT JOIN outbox o ON o.seq = d.event_seq
+WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1))
+  AND ($2::text IS NULL OR d.endpoint_id IN (SELECT t.id FROM endpoints t WHERE t.tenant = $2))
+  AND ($3::bigint IS NULL OR d.endpoint_id = $3)
+  AND ($4::text IS NULL OR d.event_seq = (SELECT x.seq FROM outbox x WHERE x.event_id = $4))
+  AND ($5::text IS NULL OR o.event_type = $5)
+  AND ($6::text[] IS NULL OR d.status = ANY ($6))
+  AND ($7::timestamptz IS NULL OR d.created_at >= $7)
+  AND ($8::timestamptz IS NULL OR d.created_at < $8);
+
+-- name: replay_deliveries
+-- Replay the next batch: the first $10 selected deliveries with an id above $9, each in one
+-- short statement so a large replay never holds many row locks for long. A replayed delivery
+-- is due now with a fresh retry schedule (attempt_base = attempts: `attempts` stays the fence)
+-- and no completed_at; its past attempts stay in the log. Paused while its endpoint is
+-- disabled (enabling resumes it). A row being delivered is passed over, re-checked under its
+-- row lock: resetting it would send a second copy beside the one in flight, and that attempt
+-- settles the row anyway. Returns the last id looked at (the next batch starts after it).
+WITH picked AS (
+    SELECT d.id
+    FROM deliveries d
+    LEFT JOIN outbox o ON o.seq = d.event_seq
+    WHERE d.id > $9
+      AND ($1::bigint[] IS NULL OR d.id = ANY ($1))
+      AND ($2::text IS NULL OR d.endpoint_id IN (SELECT t.id FROM endpoints t WHERE t.tenant = $2))
+      AND ($3::bigint IS NULL OR d.endpoint_id = $3)
+      AND ($4::text IS NULL OR d.event_seq = (SELECT x.seq FROM outbox x WHERE x.event_id = $4))
+      AND ($5::text IS NULL OR o.event_type = $5)
+      AND ($6::text[] IS NULL OR d.status = ANY ($6))
+      AND ($7::timestamptz IS NULL OR d.created_at >= $7)
+      AND ($8::timestamptz IS NULL OR d.created_at < $8)
+    ORDER BY d.id
+    LIMIT $10
+), replayed AS (
+    UPDATE deliveries d
+    SET status = CASE WHEN e.enabled THEN 'pending' ELSE 'paused' END,
+        next_attempt_at = now(),
+        completed_at = NULL,
+        attempt_base = d.attempts,
+        replayed_at = now()
+    FROM picked p, endpoints e
+    WHERE d.id = p.id AND e.id = d.endpoint_id AND d.status <> 'delivering'
+    RETURNING d.status
+)
+SELECT (SELECT max(id) FROM picked) AS last_id,
+       (SELECT count(*) FROM picked) AS picked,
+       (SELECT count(*) FROM replayed) AS replayed,
+       (SELECT count(*) FROM replayed WHERE status = 'paused') AS paused;
+
+-- name: missing_deliveries
+-- Which of the delivery ids $1 do not exist.
+SELECT coalesce(array_agg(i ORDER BY i), '{}') AS ids
+FROM unnest($1::bigint[]) AS i
+WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = i);
+
+-- name: show_delivery
+SELECT d.id, d.event_id, o.event_type, o.tenant, o.occurred_at, o.ordering_key,
+       o.payload::text AS payload, d.endpoint_id, e.url AS endpoint_url,
+       e.enabled AS endpoint_enabled, d.status, d.attempts, d.attempt_base, d.next_attempt_at,
+       d.last_attempt_at, d.last_status_code, d.last_error, d.created_at, d.completed_at,
+       d.replayed_at
+FROM deliveries d
+JOIN endpoints e ON e.id = d.endpoint_id
+LEFT JOIN outbox o ON o.seq = d.event_seq
+WHERE d.id = $1;
+
+-- name: delivery_attempts
+-- Every logged attempt of delivery $1, in order (attempts_by_delivery).
+SELECT attempt, attempted_at, duration_ms, status_code, error, error_detail, response_excerpt,
+       decision, next_attempt_at
+FROM attempts
+WHERE delivery_id = $1
+ORDER BY attempt, attempted_at;
+
+-- name: delivery_status
+-- The backlog and throughput for `dispatcher status`, from indexes: the queue's partial index
+-- (pending, delivering), the outbox's (not fanned out), deliveries_by_endpoint (paused, failed;
+-- a skip scan over its endpoints) and attempts_by_time for the last $1 seconds: a delivery's
+-- final attempt is logged with decision succeeded or failed, so the attempt log counts
+-- completions without a scan of deliveries.completed_at, which has no index (and should not:
+-- every index there costs every write of the hot path).
+WITH queue AS (
+    SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS due,
+           count(*) FILTER (WHERE status = 'delivering') AS delivering,
+           min(created_at) AS oldest
+    FROM deliveries
+    WHERE status IN ('pending', 'delivering')
+), waiting AS (
+    SELECT count(*) AS outbox, min(created_at) AS oldest
+    FROM outbox
+    WHERE fanned_out_at IS NULL
+), recent AS (
+    SELECT count(*) FILTER (WHERE decision = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE decision = 'failed') AS failed,
+           count(*) AS attempts
+    FROM attempts
+    WHERE attempted_at > now() - make_interval(secs => $1)
+)
+SELECT w.outbox, q.pending, q.due, q.delivering,
+       (SELECT count(*) FROM deliveries WHERE status = 'paused') AS paused,
+       (SELECT count(*) FROM deliveries WHERE status = 'failed') AS failed,
+       extract(epoch FROM now() - least(q.oldest, w.oldest))::float8 AS oldest_pending_age_s,
+       r.succeeded, r.failed AS failed_recently, r.attempts,
+       (SELECT count(*) FROM endpoints) AS endpoints,
+       (SELECT count(*) FROM endpoints WHERE NOT enabled) AS endpoints_disabled
+FROM queue q, waiting w, recent r;
+
+-- name: troubled_endpoints
+-- Endpoints disabled or failing now (a streak of consecutive failures), the worst first.
+SELECT e.id, e.tenant, e.url, e.enabled, e.consecutive_failures, e.failing_since,
+       e.last_failure_at, e.last_success_at, e.disabled_reason, e.disabled_at, e.disabled_by,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending')
+           AS pending,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint_id = e.id AND d.status = 'paused')
+           AS paused
+FROM endpoints e
+WHERE NOT e.enabled OR e.consecutive_failures > 0
+ORDER BY e.enabled, e.consecutive_failures DESC, e.id;
+
+-- Retention (dispatcher/retention.py) ------------------------------------------------------
+-- A pass walks deliveries by primary key and the outbox by seq, $2 rows per statement, each
+-- statement its own short transaction. There is no index on deliveries.completed_at on
+-- purpose: every write-back would pay for it. Rows are created in id order, so a walk stops
+-- once it sees rows created after the cut-off. Only rows about to be deleted are locked, with
+-- SKIP LOCKED (a row someone holds, e.g. a replay, waits for the next pass) and re-checked
+-- under the lock; pending, delivering and paused rows are only read.
+
+-- name: prune_try_lock
+-- One pruner per schema at a time (session-level; released by prune_unlock or disconnect).
+SELECT pg_try_advisory_lock(hashtext($1));
+
+-- name: prune_unlock
+SELECT pg_advisory_unlock(hashtext($1));
+
+-- name: prune_cutoffs
+-- The pass's cut-offs, on the database's clock: completed before these, rows go.
+SELECT now() - make_interval(secs => $1) AS succeeded,
+       now() - make_interval(secs => $2) AS failed;
+
+-- name: prune_deliveries
+-- Of the $2 deliveries after id $1: delete the succeeded ones completed before $3 and the
+-- failed ones completed before $4, and their attempts. Returns the last id and the newest
+-- created_at looked at (where the walk goes on, and whether it is past the cut-off).
+WITH walked AS MATERIALIZED (
+    SELECT id, status, completed_at, created_at
+    FROM deliveries
+    WHERE id > $1
+    ORDER BY id
+    LIMIT $2
+), doomed AS MATERIALIZED (
+    SELECT d.id
+    FROM deliveries d
+    WHERE d.id = ANY (ARRAY(
+              SELECT w.id FROM walked w
+              WHERE w.completed_at < CASE w.status WHEN 'succeeded' THEN $3::timestamptz
+                                                   WHEN 'failed' THEN $4::timestamptz END))
+      AND d.completed_at < CASE d.status WHEN 'succeeded' THEN $3::timestamptz
+                                         WHEN 'failed' THEN $4::timestamptz END
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM deliveries d
+    WHERE d.id = ANY (ARRAY(SELECT id FROM doomed))
+    RETURNING d.id, d.status
+), attempts_deleted AS (
+    DELETE FROM attempts a
+    WHERE a.delivery_id = ANY (ARRAY(SELECT id FROM deleted))
+    RETURNING 1
+)
+SELECT (SELECT max(id) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT max(created_at) FROM walked) AS newest,
+       (SELECT count(*) FROM deleted WHERE status = 'succeeded') AS succeeded,
+       (SELECT count(*) FROM deleted WHERE status = 'failed') AS failed,
+       (SELECT count(*) FROM attempts_deleted) AS attempts;
+
+-- name: count_prunable_deliveries
+-- prune_deliveries without deleting: what it would delete (prune --dry-run).
+WITH walked AS MATERIALIZED (
+    SELECT id, status, completed_at, created_at
+    FROM deliveries
+    WHERE id > $1
+    ORDER BY id
+    LIMIT $2
+), doomed AS MATERIALIZED (
+    SELECT w.id, w.status
+    FROM walked w
+    WHERE w.completed_at < CASE w.status WHEN 'succeeded' THEN $3::timestamptz
+                                         WHEN 'failed' THEN $4::timestamptz END
+)
+SELECT (SELECT max(id) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT max(created_at) FROM walked) AS newest,
+       (SELECT count(*) FROM doomed WHERE status = 'succeeded') AS succeeded,
+       (SELECT count(*) FROM doomed WHERE status = 'failed') AS failed,
+       (SELECT count(*) FROM attempts a
+        WHERE a.delivery_id = ANY (ARRAY(SELECT id FROM doomed))) AS attempts;
+
+-- name: prune_outbox
+-- Of the $2 events after seq $1: delete those fanned out before $3 that have no delivery left
+-- (all pruned, or none was ever made). A fanned-out event never gains a delivery, so none can
+-- appear between the check and the delete.
+WITH walked AS MATERIALIZED (
+    SELECT seq, fanned_out_at, created_at
+    FROM outbox
+    WHERE seq > $1
+    ORDER BY seq
+    LIMIT $2
+), doomed AS MATERIALIZED (
+    SELECT o.seq
+    FROM outbox o
+    WHERE o.seq = ANY (ARRAY(
+              SELECT w.seq FROM walked w
+              WHERE w.fanned_out_at < $3
+                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = w.seq)))
+      AND o.fanned_out_at < $3
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM outbox o
+    WHERE o.seq = ANY (ARRAY(SELECT seq FROM doomed))
+    RETURNING 1
+)
+SELECT (SELECT max(seq) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT max(created_at) FROM walked) AS newest,
+       (SELECT count(*) FROM deleted) AS outbox;
+
+-- name: count_prunable_outbox
+-- prune_outbox without deleting, counting deliveries that prune_deliveries would delete (by
+-- the cut-offs $4 succeeded, $5 failed) as gone already.
+WITH walked AS MATERIALIZED (
+    SELECT seq, fanned_out_at, created_at
+    FROM outbox
+    WHERE seq > $1
+    ORDER BY seq
+    LIMIT $2
+)
+SELECT (SELECT max(seq) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT max(created_at) FROM walked) AS newest,
+       (SELECT count(*) FROM walked w
+        WHERE w.fanned_out_at < $3
+          AND NOT EXISTS (
+              SELECT 1 FROM deliveries d
+              WHERE d.event_seq = w.seq
+                AND (d.completed_at < CASE d.status WHEN 'succeeded' THEN $4::timestamptz
+                                                    WHEN 'failed' THEN $5::timestamptz END)
+                    IS NOT TRUE)) AS outbox;
+
+-- name: prune_orphan_attempts
+-- Of the $2 attempts made after $1 and before $3 (attempts_by_time), delete those whose
+-- delivery is gone: deleting an endpoint cascades to its deliveries but not to the log, and a
+-- write-back superseded by a prune logs an attempt after its delivery is gone.
+WITH walked AS MATERIALIZED (
+    SELECT ctid AS tid, delivery_id, attempted_at
+    FROM attempts
+    WHERE attempted_at > $1 AND attempted_at < $3
+    ORDER BY attempted_at
+    LIMIT $2
+), deleted AS (
+    DELETE FROM attempts a
+    WHERE a.ctid = ANY (ARRAY(
+              SELECT w.tid FROM walked w
+              WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = w.delivery_id)))
+    RETURNING 1
+)
+SELECT (SELECT max(attempted_at) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT count(*) FROM deleted) AS attempts;
+
+-- name: count_orphan_attempts
+-- prune_orphan_attempts without deleting.
+WITH walked AS MATERIALIZED (
+    SELECT delivery_id, attempted_at
+    FROM attempts
+    WHERE attempted_at > $1 AND attempted_at < $3
+    ORDER BY attempted_at
+    LIMIT $2
+)
+SELECT (SELECT max(attempted_at) FROM walked) AS last,
+       (SELECT count(*) FROM walked) AS walked,
+       (SELECT count(*) FROM walked w
+        WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = w.delivery_id)) AS attempts;
+
+-- name: insert_ops_events
+-- Operational events (dispatcher/ops.py) for the ops tenant $1: one outbox row per ($2 type,
+-- $3 endpoint, $4 details as JSON text), in that order. The payload is the endpoint's tenant,
+-- id, url and description, then the details; endpoint.disabled also counts the deliveries the
+-- endpoint now holds until it is enabled again. Endpoints of the ops tenant are skipped, so its
+-- own trouble never feeds itself. The ordering key keeps one endpoint's events in order.
+INSERT INTO outbox (tenant, event_type, payload, ordering_key)
+SELECT $1, x.event_type,
+       jsonb_build_object('tenant', e.tenant, 'endpoint_id', e.id, 'url', e.url,
+                          'description', e.description)
+       || x.details::jsonb
+       || CASE WHEN x.event_type = 'endpoint.disabled'
+               THEN jsonb_build_object('held_deliveries',
+                        (SELECT count(*) FROM deliveries d
+                         WHERE d.endpoint_id = e.id
+                           AND d.status IN ('pending', 'delivering', 'paused')))
+               ELSE '{}'::jsonb END,
+       'endpoint:' || e.id
+FROM unnest($2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY
+    AS x (event_type, endpoint_id, details, n)
+JOIN endpoints e ON e.id = x.endpoint_id
+WHERE e.tenant <> $1
+ORDER BY x.n
+RETURNING event_id, event_type;
+
+-- name: lock_endpoint_for_rotation
+-- The endpoint's signing profile, locked so the new secret is made for the profile it gets.
+SELECT profile FROM endpoints WHERE id = $1 FOR NO KEY UPDATE;
+
+-- name: rotate_secret
+-- Endpoint $1 gets secret $2; the current one moves to old_secret and is signed with besides
+-- the new one for $3 more seconds, or dropped at once when $3 is 0 (dispatcher/rotation.py).
+-- The version trigger bumps the endpoint's version, so daemons pick the secrets up at once.
+UPDATE endpoints
+SET secret = $2,
+    old_secret = CASE WHEN $3::float8 > 0 THEN secret END,
+    old_secret_expires_at = CASE WHEN $3::float8 > 0
+                                 THEN now() + make_interval(secs => $3::float8) END
+WHERE id = $1
+RETURNING old_secret_expires_at;
+
+-- name: record_test_delivery
+-- `endpoint test` (dispatcher/probe.py) after its request: the sample event ($1 id, $2 tenant,
+-- $3 type, $4 payload, $5 occurred at), already marked fanned out so no daemon sends it to
+-- anyone, its one delivery to endpoint $6 in its final state ($7 succeeded or failed), and the
+-- attempt ($8 at, $9 status code, $10 error line, $11 ms, $12 error class, $13 detail,
+-- $14 response excerpt). One statement: all three rows or none.
+WITH ev AS (
+    INSERT INTO outbox (event_id, tenant, event_type, payload, occurred_at, fanned_out_at)
+    VALUES ($1, $2, $3, $4::jsonb, $5, now())
+    RETURNING seq, event_id
+), d AS (
+    INSERT INTO deliveries (event_seq, event_id, endpoint_id, status, attempts, next_attempt_at,
+                            last_attempt_at, last_status_code, last_error, completed_at)
+    SELECT ev.seq, ev.event_id, $6, $7, 1, now(), $8, $9, $10, now()
+    FROM ev
+    RETURNING id, event_id
+)
+INSERT INTO attempts (delivery_id, event_id, endpoint_id, attempt, attempted_at, duration_ms,
+                      status_code, error, error_detail, response_excerpt, decision)
+SELECT d.id, d.event_id, $6, 1, $8, $11, $9, $12, $13, $14, $7
+FROM d
+RETURNING delivery_id;

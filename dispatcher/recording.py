@@ -11,15 +11,18 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import asyncpg.pool
 import structlog
 
+from . import ops
 from .claiming import Job
 from .clock import Clock
-from .config import DisableConfig
+from .config import DisableConfig, OpsConfig
 from .db import Q
 from .health import Health, over_limit, streaks
 from .metrics import Metrics
@@ -27,6 +30,8 @@ from .retry import Decision
 from .sending import Outcome
 
 log = structlog.get_logger("dispatcher")
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 # What a lost or restarting database raises. InternalClientError is asyncpg's "another operation
 # is in progress", seen when the server goes away in the middle of a statement; the pool drops
@@ -63,8 +68,15 @@ class ResultWriter:
         flush_interval: float,
         metrics: Metrics | None = None,
         on_retry_recorded: Callable[[datetime], None] | None = None,
+        ops: OpsConfig | None = None,
     ) -> None:
         self._pool = pool
+        # Operational events go to the ops tenant ("" = off); see dispatcher/ops.py.
+        self._ops = ops or OpsConfig()
+        self._ops_tenant = self._ops.tenant
+        # Endpoints whose last recorded streak was failing: a success for one may end it, and
+        # its recovery event should be written with the results, in one transaction.
+        self._failing: set[int] = set()
         # The pump sleeps until the earliest due time it knows; a retry recorded after it went
         # to sleep may be due sooner, so it must be told.
         self._on_retry_recorded = on_retry_recorded
@@ -138,7 +150,13 @@ class ResultWriter:
         jobs = [r.job for r in batch]
         outcomes = [r.outcome for r in batch]
         decisions = [r.decision for r in batch]
-        async with self._pool.acquire() as conn:
+        # With operational events on, a batch that may cause one (a failure, or a success for a
+        # failing endpoint) is written in one transaction with its events, so a crash between
+        # the two cannot lose them. Healthy batches stay one autocommit statement.
+        atomic = bool(self._ops_tenant) and any(
+            not r.outcome.ok or r.job.endpoint_id in self._failing for r in batch
+        )
+        async with self._pool.acquire() as conn, _transaction(conn, atomic):
             row = await conn.fetchrow(
                 Q["record_results"],
                 [j.delivery_id for j in jobs],
@@ -173,6 +191,17 @@ class ResultWriter:
                     strict=True,
                 )
             ]
+            # Streaks this batch ended: endpoint -> (failures, failing since).
+            ended = {
+                eid: (failures, since)
+                for eid, failures, since in zip(
+                    row["endpoint_ids"] or (),
+                    row["endpoint_ended_failures"] or (),
+                    row["endpoint_ended_since"] or (),
+                    strict=True,
+                )
+                if failures
+            }
             to_disable = dict(over_limit(health, self.disable, now))
             to_disable.update((eid, reason) for eid, reason in gone.items() if reason)
             disabled = None
@@ -184,6 +213,15 @@ class ResultWriter:
                     "dispatcher",
                     now,
                 )
+            if self._ops_tenant:
+                events = self._ops_events(batch, state, health, ended, disabled, to_disable, now)
+                if events:
+                    await self._insert_ops_events(conn, events)
+        for h in health:
+            if h.consecutive_failures:
+                self._failing.add(h.endpoint_id)
+            else:
+                self._failing.discard(h.endpoint_id)
         _log_batch(batch, state)
         retries = [at for st, at in state.values() if st == "pending"]
         if self._on_retry_recorded and retries:
@@ -208,6 +246,91 @@ class ResultWriter:
                 reason=to_disable[eid],
                 last_errors=failures,
             )
+        for eid, (failures, since) in ended.items():
+            log.info(
+                "endpoint_recovered",
+                endpoint_id=eid,
+                tenant=next(r.job.tenant for r in batch if r.job.endpoint_id == eid),
+                failures=failures,
+                failing_since=since.isoformat() if since else None,
+            )
+
+    def _ops_events(
+        self,
+        batch: list[Result],
+        state: dict[int, tuple[str, datetime]],
+        health: list[Health],
+        ended: dict[int, tuple[int, datetime | None]],
+        disabled: list[int] | None,
+        reasons: dict[int, str],
+        now: datetime,
+    ) -> list[ops.OpsEvent]:
+        """What this batch tells the ops tenant: streaks ended, deliveries failed, endpoints
+        disabled. The ops tenant's own deliveries are left out here already (and its endpoints
+        by the insert)."""
+        tenant = self._ops_tenant
+        events = [
+            ops.endpoint_recovered(eid, failures=n, failing_since=since, recovered_at=now)
+            for eid, (n, since) in ended.items()
+            if n >= self._ops.recovered_after_failures
+        ]
+        for r in batch:
+            job, o = r.job, r.outcome
+            if o.ok or job.tenant == tenant:
+                continue
+            if state.get(job.delivery_id, ("",))[0] == "failed":
+                events.append(
+                    ops.delivery_failed(
+                        job.endpoint_id,
+                        delivery_id=job.delivery_id,
+                        event_id=job.event_id,
+                        event_type=job.event_type,
+                        attempts=job.attempt,
+                        status_code=o.status_code,
+                        error=o.summary,
+                        failed_at=now,
+                    )
+                )
+        streak = {h.endpoint_id: h for h in health}
+        for eid in disabled or []:
+            h = streak.get(eid)
+            events.append(
+                ops.endpoint_disabled(
+                    eid,
+                    reason=reasons[eid],
+                    disabled_at=now,
+                    consecutive_failures=h.consecutive_failures if h else None,
+                    failing_since=h.failing_since if h else None,
+                    last_errors=[
+                        r.outcome.summary or ""
+                        for r in batch
+                        if r.job.endpoint_id == eid and not r.outcome.ok
+                    ],
+                )
+            )
+        return events
+
+    async def _insert_ops_events(self, conn: Connection, events: list[ops.OpsEvent]) -> None:
+        """Insert in a savepoint of its own: events the outbox refuses are logged and dropped;
+        failing the batch for them would retry it forever, or log its attempts twice."""
+        try:
+            async with conn.transaction():
+                inserted = await ops.insert(conn, self._ops_tenant, events)
+        except asyncpg.PostgresError as exc:
+            log.error(
+                "ops_events_not_recorded",
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                ops_tenant=self._ops_tenant,
+                events=len(events),
+            )
+            return
+        log.debug("ops_events_recorded", ops_tenant=self._ops_tenant, events=inserted)
+
+
+def _transaction(conn: Connection, atomic: bool) -> AbstractAsyncContextManager[object]:
+    """A transaction when `atomic`, else nothing (each statement commits on its own)."""
+    return conn.transaction() if atomic else contextlib.nullcontext()
 
 
 def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:

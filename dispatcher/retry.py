@@ -39,7 +39,8 @@ class RetryPolicy:
         return self.config.schedule[0]
 
     def decide(self, outcome: Outcome, attempt: int) -> Decision:
-        """`attempt` is the 1-based number of the attempt just made."""
+        """`attempt` is the 1-based number of the attempt just made, counted from the last
+        replay (a replay starts a fresh schedule)."""
         if outcome.ok:
             return Decision("succeeded")
         if outcome.status_code == 410:

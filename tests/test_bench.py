@@ -40,6 +40,7 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
         "scale",
         "fairness",
         "replicas",
+        "retention",
     }
 
     ceiling = scenarios["ceiling"]
@@ -90,6 +91,14 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert all(_positive(replicas[k]["deliveries_per_s"]) for k in ("one", "two"))
     assert _positive(replicas["ratio"])
     assert replicas["duplicate_sends"] == 0
+
+    retention = scenarios["retention"]
+    assert retention["succeeded"] == 5000
+    assert retention["full"]["deliveries"] == 5000
+    assert retention["full"]["attempts"] == 5000
+    assert retention["kept"] == 250
+    assert _positive(retention["deliveries_per_s"])
+    assert retention["during"]["lock_waits"] == 0
 
     assert _positive(data["summary"]["drain / ceiling"])
     assert _positive(data["summary"]["drain / peer"])

@@ -4,11 +4,13 @@ timeouts, refused connections, blocked addresses and oversized responses."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from aiohttp import web
 
+from dispatcher.config import OpsConfig
 from dispatcher.db import Q
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
@@ -128,7 +130,7 @@ async def test_429_with_retry_after_waits_as_long_as_the_receiver_asks(
     assert r.requests[1].at - r.requests[0].at >= 0.95
 
 
-async def test_410_disables_the_endpoint_and_pauses_its_deliveries_until_enabled(
+async def test_410_disables_the_endpoint_at_once_tells_the_ops_tenant_and_pauses_until_enabled(
     db: Db, receiver_factory: Factory, daemon_factory: Daemons
 ) -> None:
     gone = True
@@ -138,13 +140,23 @@ async def test_410_disables_the_endpoint_and_pauses_its_deliveries_until_enabled
 
     r = await receiver_factory(maybe_gone)
     eid, _ = await db.add_endpoint(r.url, max_in_flight=1)
-    await daemon_factory()
+    await daemon_factory(replace(db.config, ops=OpsConfig(tenant="ops")))
     await db.insert_events(5)
     await wait_until(lambda: settled(db, 5), message="deliveries paused")
     endpoint = await db.row("SELECT enabled, disabled_reason FROM endpoints")
     assert (endpoint["enabled"], endpoint["disabled_reason"]) == (False, "410 Gone")
     assert await db.statuses() == {"paused": 5}
     assert len(r.requests) == 1
+    # Written with the disable, in one transaction: there once the deliveries are paused.
+    ops = await db.row("SELECT event_type, payload FROM outbox WHERE tenant = 'ops'")
+    payload = json.loads(ops["payload"])
+    assert ops["event_type"] == "endpoint.disabled"
+    assert (payload["endpoint_id"], payload["tenant"], payload["reason"]) == (
+        eid,
+        "shop-1",
+        "410 Gone",
+    )
+    assert (payload["last_errors"], payload["held_deliveries"]) == (["http_error: HTTP 410"], 5)
 
     gone = False
     await db.conn.fetchrow(Q["enable_endpoint"], eid)
