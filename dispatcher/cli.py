@@ -212,10 +212,18 @@ async def _on_connection(command: DbCommand, args: argparse.Namespace, config: C
 async def _guard(coro: Awaitable[int]) -> int:
     try:
         return await coro
+    except asyncpg.PostgresConnectionError as exc:
+        raise DatabaseError(f"database connection lost: {exc}") from None
     except asyncpg.PostgresError as exc:
         # Constraint violations and the like come back as the database's own clear message.
         raise CliError(_pg_message(exc)) from None
-    except (OSError, TimeoutError) as exc:
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+    ) as exc:
+        # The connection went away mid-command: asyncpg's own errors say so, not a traceback.
         raise DatabaseError(f"database connection lost: {exc}") from None
 
 

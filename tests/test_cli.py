@@ -16,7 +16,7 @@ import pytest
 
 from dispatcher import claiming
 from dispatcher.claiming import Slots
-from dispatcher.db import migrations
+from dispatcher.db import connect_kwargs, migrations
 from dispatcher.endpoints import Endpoint
 from dispatcher.signing import fingerprint, generate_secret, validate_secret
 from tests.conftest import Db
@@ -588,3 +588,21 @@ async def test_a_value_the_database_refuses_fails_with_one_line_that_hides_the_s
     run = await cli(*add("--max-in-flight", "20000", "--secret", secret), env=db_env(db))
     assert_one_error_line(run, "endpoints_max_in_flight_1_to_10000", absent=(secret,))
     assert await db.count("SELECT count(*) FROM endpoints") == 0
+
+
+async def test_a_connection_lost_mid_command_is_one_error_line_not_a_traceback(db: Db) -> None:
+    from dispatcher.cli import _guard
+    from dispatcher.db import DatabaseError
+
+    conn = await asyncpg.connect(**connect_kwargs(db.config.database))
+    pid = conn.get_server_pid()
+
+    async def command() -> int:
+        # Another session ends ours while the statement runs, as a restart or a failover would.
+        await db.conn.execute("SELECT pg_terminate_backend($1)", pid)
+        await conn.fetchval("SELECT 1")
+        return 0
+
+    with pytest.raises(DatabaseError, match="database connection lost"):
+        await _guard(command())
+    await conn.close()
