@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from .argtypes import record_id
 from .config import Config, parse_duration
 from .db import Q
 from .errors import CliError
@@ -34,12 +35,6 @@ DbCommand = Callable[[argparse.Namespace, Config, asyncpg.Connection], Awaitable
 
 
 # Options --------------------------------------------------------------------------------------
-
-
-def _id(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an id (a whole number of at least 1)")
-    return int(text)
 
 
 def _limit(text: str) -> int:
@@ -99,7 +94,7 @@ def add_parsers(
     lst.add_argument("--limit", type=_limit, default=50, metavar="N", help="rows (50)")
 
     show = verbs.add_parser("show", parents=[common, listing], help="one delivery and its attempts")
-    show.add_argument("id", type=_id)
+    show.add_argument("id", type=record_id)
 
     replay = sub.add_parser(
         "replay",
@@ -110,7 +105,11 @@ def add_parsers(
         " settles them); those of a disabled endpoint stay paused until it is enabled.",
     )
     replay.add_argument(
-        "--delivery", type=_id, action="append", metavar="ID", help="a delivery id (repeatable)"
+        "--delivery",
+        type=record_id,
+        action="append",
+        metavar="ID",
+        help="a delivery id (repeatable)",
     )
     _selection_options(replay)
     replay.add_argument(
@@ -132,7 +131,7 @@ def add_parsers(
 
 def _selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", help="the endpoint's tenant")
-    p.add_argument("--endpoint", type=_id, metavar="ID", help="the endpoint's id")
+    p.add_argument("--endpoint", type=record_id, metavar="ID", help="the endpoint's id")
     p.add_argument("--event", metavar="EVENT_ID", help="the event's id (evt_...)")
     p.add_argument("--type", metavar="EVENT_TYPE", help="the event's type, e.g. points.earned")
     p.add_argument(

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from .argtypes import record_id
 from .catalog import catalog
 from .clock import unix_now
 from .config import Config
@@ -176,11 +177,6 @@ async def send_test_event(
     return Probe(endpoint, event_id, chosen, delivery_id, outcome)
 
 
-def _id(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an id (a whole number of at least 1)")
-    return int(text)
-
 
 def _data(text: str) -> Any:
     try:
@@ -216,7 +212,7 @@ def add_parser(
         " record it in the delivery log (event id evt_test_...). Exits 1 if the endpoint does"
         " not answer 2xx.",
     )
-    p.add_argument("id", type=_id)
+    p.add_argument("id", type=record_id)
     p.add_argument(
         "--type",
         type=_event_type,

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from .argtypes import record_id
 from .config import Config, format_duration, parse_duration
 from .db import Q
 from .errors import CliError
@@ -70,11 +71,6 @@ def _grace(text: str) -> float:
     return seconds
 
 
-def _id(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an id (a whole number of at least 1)")
-    return int(text)
-
 
 def add_parser(
     endpoint_verbs: argparse._SubParsersAction[Any],
@@ -90,7 +86,7 @@ def add_parser(
         " made with the previous secret until the grace period ends (standard, stripe and hmac"
         " profiles; github and shopify carry one signature, made with the new secret).",
     )
-    p.add_argument("id", type=_id)
+    p.add_argument("id", type=record_id)
     p.add_argument(
         "--grace",
         type=_grace,
