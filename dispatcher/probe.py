@@ -177,7 +177,6 @@ async def send_test_event(
     return Probe(endpoint, event_id, chosen, delivery_id, outcome)
 
 
-
 def _data(text: str) -> Any:
     try:
         value = json.loads(text)

@@ -71,7 +71,6 @@ def _grace(text: str) -> float:
     return seconds
 
 
-
 def add_parser(
     endpoint_verbs: argparse._SubParsersAction[Any],
     common: argparse.ArgumentParser,
