@@ -243,7 +243,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from .daemon import Dispatcher, tune_gc
 
     async def go() -> int:
-        d = Dispatcher(config)
+        # SIGHUP reads the file and the environment again, as at start-up.
+        d = Dispatcher(config, reload=lambda: load_config(args.config))
         d.install_signals()
         tune_gc()
         await d.run()

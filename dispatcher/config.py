@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ class DatabaseConfig:
     pool_size: int = 8
     connect_timeout: float = 10.0
     synchronous_commit: str = "off"
+    # Read at every connect, so a rotated password is picked up; when unset, load_config fills
+    # in the systemd credential $CREDENTIALS_DIRECTORY/db-password if there is one.
+    password_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if section in _SECTIONS and key:
             raw[section][key] = (value, f"environment variable {name}")
     built = {section: _build_section(section, raw[section]) for section in _SECTIONS}
+    built["database"] = _password_file(built["database"], raw["database"], env)
     config = Config(**built)
     sources = {f"[{sec}] {key}": src for sec, keys in raw.items() for key, (_, src) in keys.items()}
     try:
@@ -235,6 +239,44 @@ def _build_section(section: str, values: dict[str, tuple[Any, str]]) -> Any:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{source}: [{section}] {key}: {exc}") from None
     return cls(**kwargs)
+
+
+# The systemd credential (LoadCredential=db-password:...) read when password_file is not set.
+CREDENTIAL_NAME = "db-password"
+
+
+def _password_file(
+    db: DatabaseConfig, raw: dict[str, tuple[Any, str]], env: Mapping[str, str]
+) -> DatabaseConfig:
+    """[database] password_file, else the systemd credential db-password if it exists; checked
+    to hold a password now, so a bad one is a ConfigError rather than a failed connection."""
+    if db.password_file:
+        path = Path(db.password_file)
+        where = f"{raw['password_file'][1]}: [database] password_file"
+    else:
+        directory = env.get("CREDENTIALS_DIRECTORY", "")
+        path = Path(directory) / CREDENTIAL_NAME
+        if not directory or not path.exists():
+            return db
+        where = f"systemd credential {CREDENTIAL_NAME}"
+    try:
+        read_password(str(path))
+    except OSError as exc:
+        raise ConfigError(f"{where}: {path} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {path} {exc}") from None
+    return replace(db, password_file=str(path))
+
+
+def read_password(path: str) -> str:
+    """The password a password file holds: its one line, without the line break."""
+    try:
+        password = Path(path).read_text("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    if not password or "\n" in password:
+        raise ValueError("must hold the password on one line")
+    return password
 
 
 def _convert(section: str, key: str, value: Any, default: Any) -> Any:

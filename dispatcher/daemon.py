@@ -14,21 +14,24 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
 
-from . import claiming
+from . import claiming, systemd
 from .claiming import Job, Slots
 from .clock import Clock, SystemClock, unix_now
-from .config import Config
+from .config import Config, ConfigError
 from .db import Executor, Q, check_schema, create_pool
 from .endpoints import Endpoint
 from .envelope import render_body
 from .errors import DaemonCrashed, StartupError
 from .listener import Listener
+from .logs import configure as configure_logs
 from .metrics import Metrics, start_http
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
+from .reloading import merge
 from .retention import Pruner
 from .retry import RetryPolicy
 from .scheduling import Scheduler
@@ -54,8 +57,11 @@ class Dispatcher:
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        # Reads the config again (file and environment) for SIGHUP; None: no reloading.
+        self._reload = reload
         self.clock: Clock = clock or SystemClock()
         self.policy = RetryPolicy(config.retry, rng)
         self.replica = f"{uuid.uuid4().hex[:12]}"
@@ -114,6 +120,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self._reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_config)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stop.is_set():
@@ -122,6 +130,40 @@ class Dispatcher:
         else:
             log.info("stopping", signal=sig.name, in_flight=self.in_flight)
             self.stop.set()
+
+    def reload_config(self) -> bool:
+        """Read the config again and apply what can change live (SIGHUP); an invalid one is
+        refused and the old one kept. Returns whether the new config was taken."""
+        if self._reload is None:
+            return False
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("config_reload_refused", error=str(exc))
+            return False
+        old = self.config
+        merged, applied, restart = merge(old, new)
+        self.config = merged
+        d = merged.delivery
+        self.policy.config = merged.retry
+        self._scheduler.resize(d.concurrency, d.per_endpoint_concurrency)
+        if hasattr(self, "writer"):
+            self.writer.retune(
+                disable=merged.disable, batch_size=d.batch_size, flush_interval=d.flush_interval
+            )
+        if hasattr(self, "sender"):
+            self.sender.resize(d.concurrency)
+        if merged.log != old.log:
+            configure_logs(merged.log.format, merged.log.level)
+        if restart:
+            log.warning("config_reload_partial", restart_required=restart, applied=applied)
+        log.info("config_reloaded", changed=applied)
+        # Raised limits: start what waits, claim more, and look again at once.
+        if not self.stop.is_set():
+            self._launch()
+        self._room.set()
+        self._wake.set()
+        return True
 
     async def run(self) -> None:
         """Run until `stop` is set, then finish or release in-flight work and return."""
@@ -169,6 +211,9 @@ class Dispatcher:
                     self.pool, cfg.retention, cfg.database.schema, self.metrics, self.stop.is_set
                 )
                 side_tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
+            notifier = systemd.Notifier.from_env()
+            if notifier.enabled:
+                side_tasks.append(asyncio.create_task(notifier.supervise(self), name="systemd"))
             try:
                 log.info(
                     "dispatcher_started",

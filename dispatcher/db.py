@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import asyncpg
 import asyncpg.pool
 
-from .config import DatabaseConfig
+from .config import DatabaseConfig, read_password
 
 # Anything that runs a statement: a connection, a pooled connection, or the pool itself.
 Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
@@ -38,8 +39,9 @@ Q = _load_queries()
 
 
 def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
-    """Settings shared by every connection: the schema on the search path, a connect timeout."""
-    return {
+    """Settings shared by every connection: the schema on the search path, a connect timeout,
+    and the password from [database] password_file if set (it overrides the DSN's)."""
+    kwargs: dict[str, Any] = {
         "dsn": config.dsn,
         "timeout": config.connect_timeout,
         "server_settings": {
@@ -47,6 +49,18 @@ def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
             "application_name": "webhook-dispatcher",
         },
     }
+    if config.password_file:
+        # Read at each connect (pools reconnect too), so a rotated password is picked up.
+        kwargs["password"] = functools.partial(_file_password, config.password_file)
+    return kwargs
+
+
+def _file_password(path: str) -> str:
+    """The password in `path`; OSError (a failed connection like any other) if it is gone."""
+    try:
+        return read_password(path)
+    except ValueError as exc:
+        raise OSError(f"password file {path} {exc}") from None
 
 
 def describe_connect_error(config: DatabaseConfig, exc: BaseException) -> str:

@@ -93,6 +93,12 @@ class ResultWriter:
             asyncio.Lock()
         )  # the flusher and a shutdown drain must not write one batch twice
 
+    def retune(self, *, disable: DisableConfig, batch_size: int, flush_interval: float) -> None:
+        """Apply reloaded settings from the next flush on."""
+        self.disable = disable
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+
     def add(self, result: Result) -> None:
         self._buffer.append(result)
         self._has_items.set()

@@ -82,8 +82,18 @@ class Scheduler:
         else:
             del self._running[endpoint_id]
         self.running -= 1
-        if self._waiting.get(endpoint_id):
+        # Below its cap again (a lowered cap may leave it over for a while).
+        if self._waiting.get(endpoint_id) and left < self._cap(endpoint_id):
             self._startable[endpoint_id] = None
+
+    def resize(self, concurrency: int, default_cap: int) -> None:
+        """New limits for what starts next; running jobs are left to finish, so with lower
+        limits nothing starts until enough of them have."""
+        self.concurrency = concurrency
+        self.default_cap = default_cap
+        self._startable = {
+            eid: None for eid in self._waiting if self._running.get(eid, 0) < self._cap(eid)
+        }
 
     def take_waiting(self, keep: Callable[[Job], bool] | None = None) -> list[Job]:
         """Remove waiting jobs (all, or those `keep` rejects) and return them, to release."""

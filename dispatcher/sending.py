@@ -95,6 +95,11 @@ class Sender:
     async def close(self) -> None:
         await self._session.close()
 
+    def resize(self, concurrency: int) -> None:
+        """A new connection limit (a config reload); requests under way keep theirs."""
+        # aiohttp has no public setter; the limit is read afresh at each connection acquire.
+        self._connector._limit = concurrency
+
     async def send(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Outcome:
         """POST once; never raises for anything the network or the receiver does."""
         started = time.perf_counter()
