@@ -21,7 +21,7 @@ import structlog
 
 from . import claiming, systemd
 from .claiming import Job, Slots
-from .clock import Clock, SystemClock, unix_now
+from .clock import Clock, SystemClock
 from .config import Config, ConfigError
 from .db import Executor, Q, check_schema, create_pool
 from .endpoints import Endpoint
@@ -36,7 +36,7 @@ from .retention import Pruner
 from .retry import RetryPolicy
 from .scheduling import Scheduler
 from .sending import Outcome, Sender
-from .signing import SigningError, sign
+from .signing import SigningError
 
 log = structlog.get_logger("dispatcher")
 
@@ -455,15 +455,9 @@ class Dispatcher:
             job.payload,
             endpoint.envelope,
         )
-        headers = dict(endpoint.headers)
-        headers["Content-Type"] = "application/json"
-        headers["webhook-event-type"] = job.event_type
-        headers["webhook-attempt"] = str(job.attempt)
         try:
-            headers.update(
-                sign(
-                    endpoint.profile, endpoint.secrets(attempted_at), job.event_id, unix_now(), body
-                )
+            headers = endpoint.request_headers(
+                job.event_id, job.event_type, job.attempt, body, attempted_at
             )
         except SigningError as exc:
             outcome = Outcome(None, "signing_error", str(exc), None, 0)

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
+from .clock import unix_now
 from .envelope import EnvelopeShape
-from .signing import SigningError, SigningProfile
+from .signing import SigningError, SigningProfile, sign
 
 _EVENT_PATTERN = re.compile(r"^(\*|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -61,6 +62,19 @@ class Endpoint:
         if self.old_secret and self.old_secret_expires_at and self.old_secret_expires_at > now:
             return [self.secret, self.old_secret]
         return [self.secret]
+
+    def request_headers(
+        self, event_id: str, event_type: str, attempt: int, body: bytes, at: datetime
+    ) -> dict[str, str]:
+        """The headers of one attempt: the endpoint's own, content type, event type, attempt
+        number and the signature(s) with every secret valid at `at`. SigningError if it cannot
+        sign."""
+        headers = dict(self.headers)
+        headers["Content-Type"] = "application/json"
+        headers["webhook-event-type"] = event_type
+        headers["webhook-attempt"] = str(attempt)
+        headers.update(sign(self.profile, self.secrets(at), event_id, unix_now(), body))
+        return headers
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | Mapping[str, Any]) -> Endpoint:

@@ -25,14 +25,13 @@ import orjson
 
 from .argtypes import record_id
 from .catalog import catalog
-from .clock import unix_now
 from .config import Config
 from .db import Q
 from .endpoints import Endpoint
 from .envelope import render_body
 from .errors import CliError
 from .sending import Outcome, Sender
-from .signing import SigningError, sign
+from .signing import SigningError
 
 DbCommand = Callable[[argparse.Namespace, Config, asyncpg.Connection], Awaitable[int]]
 
@@ -76,19 +75,6 @@ def pick_event_type(patterns: Sequence[str], requested: str | None, known: Itera
             return name
     wildcard = next((p for p in patterns if p.endswith(".*")), None)
     return f"{wildcard[:-2]}.test" if wildcard else FALLBACK_TYPE
-
-
-def request_headers(
-    endpoint: Endpoint, event_id: str, event_type: str, attempt: int, body: bytes, at: datetime
-) -> dict[str, str]:
-    """The headers the daemon sends (extra headers, content type, event type, attempt number
-    and the signature with every secret valid at `at`); SigningError if it cannot sign."""
-    headers = dict(endpoint.headers)
-    headers["Content-Type"] = "application/json"
-    headers["webhook-event-type"] = event_type
-    headers["webhook-attempt"] = str(attempt)
-    headers.update(sign(endpoint.profile, endpoint.secrets(at), event_id, unix_now(), body))
-    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +126,7 @@ async def send_test_event(
     body = render_body(event_id, chosen, endpoint.tenant, occurred_at, payload, endpoint.envelope)
     d = config.delivery
     try:
-        headers = request_headers(endpoint, event_id, chosen, 1, body, attempted_at)
+        headers = endpoint.request_headers(event_id, chosen, 1, body, attempted_at)
     except SigningError as exc:
         outcome = Outcome(None, "signing_error", str(exc), None, 0)
     else:
