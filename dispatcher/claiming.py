@@ -2,7 +2,8 @@
 
 Both only take as much as this process has free slots for, globally and per endpoint, so a
 claimed job always starts at once; fresh events are claimed in the same statement that fans
-them out, and only work that did not fit waits in `deliveries` as pending.
+them out, and only work that did not fit waits in `deliveries` as pending. On an ordered
+endpoint only the head of each ordering key's queue is claimable (see queries.sql).
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from .db import Executor, Q
+
+# A delivery waiting behind another of its ordering key is made due by the write-back of the
+# one ahead; these bound how often it is looked at anyway, in case that write-back ran before
+# this delivery existed: first after KEY_RECHECK_MIN, then after as long as it has waited,
+# at most KEY_RECHECK_MAX, so a long queue behind a failing key costs few re-reads.
+KEY_RECHECK_MIN = 1.0
+KEY_RECHECK_MAX = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,7 @@ async def fan_out(conn: Executor, slots: Slots, lease: float, first_delay: float
         slots.default_per_endpoint,
         lease,
         first_delay,
+        KEY_RECHECK_MIN,
     )
     events = len({r["seq"] for r in rows})
     deliveries = sum(1 for r in rows if r["id"] is not None)
@@ -115,6 +124,8 @@ async def claim(conn: Executor, slots: Slots, lease: float) -> Claimed:
         busy_free,
         slots.default_per_endpoint,
         lease,
+        KEY_RECHECK_MIN,
+        KEY_RECHECK_MAX,
     )
     jobs = [_job(r, r["attempt_base"]) for r in rows if r["status"] == "delivering"]
     return Claimed(jobs, {r["endpoint_id"]: r["endpoint_cap"] for r in rows})

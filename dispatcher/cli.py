@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from . import __version__, deliverylog, logs, probe, retention, rotation
+from . import __version__, deliverylog, logs, probe, reencryption, retention, rotation
 from .addresses import forbidden_address
 from .catalog import catalog, check_filters
 from .config import Config, ConfigError, format_duration, load_config, parse_duration
@@ -31,6 +31,7 @@ from .endpoints import (
 )
 from .envelope import ENVELOPES, EnvelopeShape, InvalidEnvelope, shape_from_options
 from .errors import CliError, DaemonCrashed, StartupError
+from .secretbox import SecretBox, SecretKeyError, box_for
 from .signing import (
     PROFILES,
     SigningError,
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", type=_positive_int)
         p.add_argument("--reason", default="")
     rotation.add_parser(eps, common, listing)
+    reencryption.add_parser(eps, common, listing)
     probe.add_parser(eps, common, listing)
     deliverylog.add_parsers(sub, common, listing)
     retention.add_parser(sub, common, listing)
@@ -188,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         InvalidEndpoint,
         StartupError,
         DaemonCrashed,
+        SecretKeyError,
     ) as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -255,7 +258,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     async def go() -> int:
-        applied = await migrate(config.database)
+        applied = await migrate(config.database, max_payload_bytes=config.events.max_payload_bytes)
         if applied:
             for name in applied:
                 print(f"applied {name}")
@@ -363,7 +366,7 @@ async def cmd_endpoint_add(
         profile.signed,
         profile.prefix,
         profile.timestamp_header,
-        secret,
+        box_for(config.security).seal(secret),
         json.dumps(new.headers),
         bool(args.ordered),
         args.max_in_flight,
@@ -393,9 +396,10 @@ async def cmd_endpoint_update(
         row["timestamp_header"],
     )
     profile = validate_profile(_profile_from(args, base))
+    box = box_for(config.security)
     if profile.kind != base.kind:
         try:
-            validate_secret(profile.kind, row["secret"])
+            validate_secret(profile.kind, box.open(row["secret"]))
         except SigningError as exc:
             raise InvalidEndpoint(
                 f"secret: the current secret does not suit profile {profile.kind} ({exc});"
@@ -437,9 +441,13 @@ async def cmd_endpoint_update(
             _envelope_from(args, stored)
         )
     sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(changes, start=2))
-    await conn.execute(f"UPDATE endpoints SET {sets} WHERE id = $1", args.id, *changes.values())
+    async with conn.transaction():
+        await conn.execute(f"UPDATE endpoints SET {sets} WHERE id = $1", args.id, *changes.values())
+        if args.ordered is not None and args.ordered != row["ordered"]:
+            # Deliveries not yet sent follow the new rule too, not only events still to come.
+            await conn.fetchval(Q["set_endpoint_ordering"], args.id, args.ordered)
     row = await _fetch_endpoint(conn, args.id)
-    _print_endpoints([row], as_json=args.json, detail=True)
+    _print_endpoints([row], as_json=args.json, detail=True, box=box_for(config.security))
     return 0
 
 
@@ -454,7 +462,7 @@ async def cmd_endpoint_list(
     args: argparse.Namespace, config: Config, conn: asyncpg.Connection
 ) -> int:
     rows = await conn.fetch(Q["list_endpoints"], args.tenant, None)
-    _print_endpoints(rows, as_json=args.json, detail=False)
+    _print_endpoints(rows, as_json=args.json, detail=False, box=box_for(config.security))
     return 0
 
 
@@ -462,7 +470,7 @@ async def cmd_endpoint_show(
     args: argparse.Namespace, config: Config, conn: asyncpg.Connection
 ) -> int:
     row = await _fetch_endpoint(conn, args.id)
-    _print_endpoints([row], as_json=args.json, detail=True)
+    _print_endpoints([row], as_json=args.json, detail=True, box=box_for(config.security))
     return 0
 
 
@@ -499,7 +507,15 @@ async def cmd_endpoint_disable(
     return 0
 
 
-def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
+def _secret_fingerprint(box: SecretBox, stored: str) -> str:
+    """The fingerprint of the secret a stored value holds, encrypted or not."""
+    try:
+        return fingerprint(box.open(stored))
+    except SecretKeyError:
+        return "unknown (encrypted with a key not configured here)"
+
+
+def _endpoint_view(row: asyncpg.Record, detail: bool, box: SecretBox) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": row["id"],
         "tenant": row["tenant"],
@@ -508,7 +524,7 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
         "profile": row["profile"],
         **_envelope_view(row),
         "enabled": row["enabled"],
-        "secret_fingerprint": fingerprint(row["secret"]),
+        "secret_fingerprint": _secret_fingerprint(box, row["secret"]),
         "consecutive_failures": row["consecutive_failures"],
         "pending": row["pending"],
         "paused": row["paused"],
@@ -522,7 +538,9 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
             signed=row["signed"],
             prefix=row["prefix"],
             timestamp_header=row["timestamp_header"],
-            old_secret_fingerprint=fingerprint(row["old_secret"]) if row["old_secret"] else None,
+            old_secret_fingerprint=_secret_fingerprint(box, row["old_secret"])
+            if row["old_secret"]
+            else None,
             old_secret_expires_at=row["old_secret_expires_at"],
             headers=json.loads(row["headers"]),
             ordered=row["ordered"],
@@ -540,8 +558,10 @@ def _endpoint_view(row: asyncpg.Record, detail: bool) -> dict[str, Any]:
     return view
 
 
-def _print_endpoints(rows: Sequence[asyncpg.Record], *, as_json: bool, detail: bool) -> None:
-    views = [_endpoint_view(r, detail) for r in rows]
+def _print_endpoints(
+    rows: Sequence[asyncpg.Record], *, as_json: bool, detail: bool, box: SecretBox
+) -> None:
+    views = [_endpoint_view(r, detail, box) for r in rows]
     if as_json:
         print(json.dumps(views[0] if detail else views, default=_json_default, indent=None))
         return
@@ -661,6 +681,7 @@ _DB_HANDLERS: dict[tuple[str, str | None], DbCommand] = {
     ("endpoint", "disable"): cmd_endpoint_disable,
     **deliverylog.DB_HANDLERS,
     **rotation.DB_HANDLERS,
+    **reencryption.DB_HANDLERS,
     **probe.DB_HANDLERS,
     **retention.DB_HANDLERS,
 }

@@ -67,6 +67,10 @@ class DatabaseConfig:
     password_file: str = ""
 
 
+# What a delivery that failed for good does to the rest of its key on an ordered endpoint.
+ORDERED_AFTER_FAILURE = ("move_on", "block")
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     concurrency: int = 256
@@ -80,6 +84,9 @@ class DeliveryConfig:
     poll_interval: float = 1.0
     shutdown_grace: float = 20.0
     user_agent: str = ""
+    # On an ordered endpoint, what a delivery that failed for good does to the later events of
+    # its ordering key: "move_on" (they go) or "block" (they wait for a replay or a skip).
+    ordered_after_failure: str = "move_on"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,24 +106,35 @@ class DisableConfig:
 class SecurityConfig:
     allow_http: bool = False
     allow_private_networks: bool = False
+    # Endpoint secrets are stored encrypted under this key (dispatcher.secretbox); when unset,
+    # load_config fills in the systemd credential $CREDENTIALS_DIRECTORY/secrets-key if any.
+    secrets_key_file: str = ""
+    # Keys rotated out, still used to decrypt until `endpoint reencrypt-secrets` has run.
+    old_secrets_key_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9464"
+    # /readyz fails while the lag (dispatcher.monitoring) is over this; 0: no lag check.
+    max_lag: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "json"
     level: str = "info"
+    # The backlog sample (gauges, the lag /readyz checks) and its one summary line.
+    summary_interval: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
-    """Event types added to the default catalog (dispatcher.catalog) for this deployment."""
+    """Event types added to the default catalog (dispatcher.catalog) for this deployment, and
+    the outbox's payload size limit (a constraint `dispatcher migrate` sets)."""
 
     extra: tuple[str, ...] = ()
+    max_payload_bytes: int = 1048576
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +197,8 @@ _DURATIONS = {
     ("retention", "succeeded"),
     ("retention", "failed"),
     ("retention", "interval"),
+    ("http", "max_lag"),
+    ("log", "summary_interval"),
 }
 
 
@@ -197,6 +217,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config file {source} cannot be read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {source} is not UTF-8 text (byte {exc.start})"
+            ) from None
         for section, values in data.items():
             if section not in _SECTIONS:
                 raise ConfigError(f"{source}: unknown section [{section}]")
@@ -213,6 +237,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw[section][key] = (value, f"environment variable {name}")
     built = {section: _build_section(section, raw[section]) for section in _SECTIONS}
     built["database"] = _password_file(built["database"], raw["database"], env)
+    built["security"] = _secrets_key_files(built["security"], raw["security"], env)
     config = Config(**built)
     sources = {f"[{sec}] {key}": src for sec, keys in raw.items() for key, (_, src) in keys.items()}
     try:
@@ -268,6 +293,36 @@ def _password_file(
     return replace(db, password_file=str(path))
 
 
+def _secrets_key_files(
+    sec: SecurityConfig, raw: dict[str, tuple[Any, str]], env: Mapping[str, str]
+) -> SecurityConfig:
+    """[security] secrets_key_file, else the systemd credential secrets-key if it exists; every
+    key file checked to hold a key now. Messages name files, never their contents."""
+    from .secretbox import CREDENTIAL_NAME as KEY_CREDENTIAL
+    from .secretbox import read_key
+
+    def check(path: Path, where: str) -> None:
+        try:
+            read_key(str(path))
+        except OSError as exc:
+            raise ConfigError(f"{where}: {path} cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {path} {exc}") from None
+
+    for old in sec.old_secrets_key_files:
+        check(Path(old), f"{raw['old_secrets_key_files'][1]}: [security] old_secrets_key_files")
+    if sec.secrets_key_file:
+        path = Path(sec.secrets_key_file)
+        check(path, f"{raw['secrets_key_file'][1]}: [security] secrets_key_file")
+        return sec
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    path = Path(directory) / KEY_CREDENTIAL
+    if not directory or not path.exists():
+        return sec
+    check(path, f"systemd credential {KEY_CREDENTIAL}")
+    return replace(sec, secrets_key_file=str(path))
+
+
 def read_password(path: str) -> str:
     """The password a password file holds: its one line, without the line break."""
     try:
@@ -286,6 +341,11 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
         if not isinstance(items, list) or not items:
             raise ValueError("must be a non-empty list of durations")
         return tuple(parse_duration(str(v)) for v in items)
+    if section == "security" and key == "old_secrets_key_files":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("must be a list of file paths")
+        return tuple(v.strip() for v in items if v.strip())
     if section == "events" and key == "extra":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
@@ -372,6 +432,8 @@ def _validate(c: Config) -> None:
         raise bad("[delivery] poll_interval", "must be between 1ms and 60s")
     if not 0 <= d.flush_interval <= 5:
         raise bad("[delivery] flush_interval", "must be between 0s and 5s")
+    if d.ordered_after_failure not in ORDERED_AFTER_FAILURE:
+        raise bad("[delivery] ordered_after_failure", "must be move_on or block")
     if not 0 <= c.retry.jitter < 1:
         raise bad("[retry] jitter", "must be at least 0 and below 1")
     if c.disable.after_failures < 1:
@@ -384,6 +446,10 @@ def _validate(c: Config) -> None:
         raise bad("[log] format", "must be json or console")
     if c.log.level not in ("debug", "info", "warning", "error"):
         raise bad("[log] level", "must be debug, info, warning or error")
+    if not 0.01 <= c.log.summary_interval <= 3600:
+        raise bad("[log] summary_interval", "must be between 10ms and 1h")
+    if c.http.max_lag != 0 and c.http.max_lag < 1:
+        raise bad("[http] max_lag", 'must be at least 1s, or "0s" (no lag check)')
     r = c.retention
     for key, value in (("succeeded", r.succeeded), ("failed", r.failed)):
         if value < 60:
@@ -399,6 +465,8 @@ def _validate(c: Config) -> None:
         raise bad("[ops] tenant", 'must name a tenant, or be "" to turn operational events off')
     if c.ops.recovered_after_failures < 1:
         raise bad("[ops] recovered_after_failures", "must be at least 1")
+    if not 1024 <= c.events.max_payload_bytes <= 256 * 1024 * 1024:
+        raise bad("[events] max_payload_bytes", "must be between 1024 and 268435456 (256 MiB)")
     for name in c.events.extra:
         if len(name) > 200 or not _EVENT_TYPE.match(name):
             raise bad(

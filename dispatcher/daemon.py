@@ -18,23 +18,26 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
+from aiohttp.abc import AbstractResolver
 
 from . import claiming, systemd
 from .claiming import Job, Slots
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError
-from .db import Executor, Q, check_schema, create_pool
+from .db import Executor, Q, acquire, check_schema, create_pool
 from .endpoints import Endpoint
 from .envelope import render_body
 from .errors import DaemonCrashed, StartupError
 from .listener import Listener
 from .logs import configure as configure_logs
 from .metrics import Metrics, start_http
+from .monitoring import Sampler
 from .recording import TRANSIENT_DB_ERRORS, Result, ResultWriter
 from .reloading import merge
 from .retention import Pruner
 from .retry import RetryPolicy
 from .scheduling import Scheduler
+from .secretbox import box_for
 from .sending import Outcome, Sender
 from .signing import SigningError
 
@@ -58,10 +61,13 @@ class Dispatcher:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         reload: Callable[[], Config] | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self.config = config
         # Reads the config again (file and environment) for SIGHUP; None: no reloading.
         self._reload = reload
+        # DNS for deliveries; None: aiohttp's default. Tests use it to play a rebinding resolver.
+        self._resolver = resolver
         self.clock: Clock = clock or SystemClock()
         self.policy = RetryPolicy(config.retry, rng)
         self.replica = f"{uuid.uuid4().hex[:12]}"
@@ -73,6 +79,8 @@ class Dispatcher:
         self._room = asyncio.Event()
         self._endpoint_room = asyncio.Event()
         self._endpoints: dict[int, Endpoint] = {}
+        # Opens endpoint secrets stored encrypted; keys are read once, at start.
+        self.secrets = box_for(config.security)
         self._scheduler = Scheduler(
             config.delivery.concurrency, config.delivery.per_endpoint_concurrency, self._cap
         )
@@ -94,6 +102,8 @@ class Dispatcher:
         self._gone: dict[int, int] = {}
         self.metrics = Metrics()
         self.metrics.in_flight.set_function(lambda: len(self._running))
+        self.sampler = Sampler(self.metrics, config.log.summary_interval, lambda: self.in_flight)
+        self.notifier = systemd.Notifier.from_env()
         self.listener = Listener(
             config.database,
             f"{config.database.schema}.outbox",
@@ -113,6 +123,8 @@ class Dispatcher:
             failed.append("database unreachable")
         if not self.listener.connected:
             failed.append("listener not connected")
+        if lag := self.sampler.lag_check(self.config.http.max_lag):
+            failed.append(lag)
         return failed
 
     def install_signals(self) -> None:
@@ -136,10 +148,12 @@ class Dispatcher:
         refused and the old one kept. Returns whether the new config was taken."""
         if self._reload is None:
             return False
+        self.notifier.reloading()
         try:
             new = self._reload()
         except ConfigError as exc:
             log.error("config_reload_refused", error=str(exc))
+            self.notifier.reloaded()
             return False
         old = self.config
         merged, applied, restart = merge(old, new)
@@ -151,9 +165,11 @@ class Dispatcher:
             self.writer.retune(
                 disable=merged.disable, batch_size=d.batch_size, flush_interval=d.flush_interval
             )
+            self.writer.block_failed_keys = d.ordered_after_failure == "block"
         if hasattr(self, "sender"):
             self.sender.resize(d.concurrency)
-        if merged.log != old.log:
+        self.sampler.retune(merged.log.summary_interval)
+        if (merged.log.format, merged.log.level) != (old.log.format, old.log.level):
             configure_logs(merged.log.format, merged.log.level)
         if restart:
             log.warning("config_reload_partial", restart_required=restart, applied=applied)
@@ -163,6 +179,7 @@ class Dispatcher:
             self._launch()
         self._room.set()
         self._wake.set()
+        self.notifier.reloaded()
         return True
 
     async def run(self) -> None:
@@ -172,6 +189,10 @@ class Dispatcher:
             cfg.database,
             max_inactive_connection_lifetime=60,
             settings={"synchronous_commit": cfg.database.synchronous_commit},
+            # A connection gone silent (a network path dropping packets, a failed-over
+            # primary's old address) would otherwise hold a statement until TCP gives up,
+            # many minutes; a claim or write-back older than a lease is stale anyway.
+            command_timeout=cfg.delivery.lease,
         )
         try:
             async with self.pool.acquire() as conn:
@@ -184,6 +205,7 @@ class Dispatcher:
                 allow_http=cfg.security.allow_http,
                 allow_private_networks=cfg.security.allow_private_networks,
                 user_agent=d.user_agent,
+                resolver=self._resolver,
             )
             self.writer = ResultWriter(
                 self.pool,
@@ -194,6 +216,7 @@ class Dispatcher:
                 metrics=self.metrics,
                 on_retry_recorded=self._retry_recorded,
                 ops=cfg.ops,
+                ordered_after_failure=d.ordered_after_failure,
             )
             try:
                 http = await start_http(cfg.http.listen, self.metrics, self.not_ready)
@@ -211,7 +234,8 @@ class Dispatcher:
                     self.pool, cfg.retention, cfg.database.schema, self.metrics, self.stop.is_set
                 )
                 side_tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
-            notifier = systemd.Notifier.from_env()
+            side_tasks.append(asyncio.create_task(self.sampler.run(self.pool), name="sampler"))
+            notifier = self.notifier
             if notifier.enabled:
                 side_tasks.append(asyncio.create_task(notifier.supervise(self), name="systemd"))
             try:
@@ -241,7 +265,11 @@ class Dispatcher:
         finally:
             with contextlib.suppress(*TRANSIENT_DB_ERRORS):
                 await asyncio.wait_for(self.pool.execute(Q["remove_listener"], self.replica), 2)
-            await self.pool.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), 5)
+            except TRANSIENT_DB_ERRORS:
+                # A connection that stopped answering cannot be closed politely.
+                self.pool.terminate()
 
     # The pump -------------------------------------------------------------------------------
 
@@ -257,7 +285,7 @@ class Dispatcher:
             slots = self._scheduler.claimable()
             jobs: list[Job] = []
             try:
-                async with self.pool.acquire() as conn:
+                async with acquire(self.pool) as conn:
                     if self._unsent:
                         unsent, self._unsent = self._unsent, []
                         await claiming.release(conn, unsent)
@@ -292,12 +320,24 @@ class Dispatcher:
                 db_failures += 1
                 self.database_ok = False
                 wait_for = min(5.0, 0.05 * 2**db_failures) * random.uniform(0.5, 1.0)
-                log.warning(
-                    "database_unavailable",
-                    error=type(exc).__name__,
-                    detail=str(exc)[:200],
-                    retry_in_s=round(wait_for, 2),
-                )
+                sqlstate = getattr(exc, "sqlstate", None)
+                if sqlstate and not sqlstate.startswith(SERVER_GONE_SQLSTATE_CLASSES):
+                    # The server answered and refused the statement: not an outage but a
+                    # schema or permission problem (or a bug) that retrying will not cure.
+                    log.error(
+                        "database_statement_failed",
+                        error=type(exc).__name__,
+                        sqlstate=sqlstate,
+                        detail=str(exc)[:200],
+                        retry_in_s=round(wait_for, 2),
+                    )
+                else:
+                    log.warning(
+                        "database_unavailable",
+                        error=type(exc).__name__,
+                        detail=str(exc)[:200],
+                        retry_in_s=round(wait_for, 2),
+                    )
                 full = False
             if jobs:
                 await self._start(jobs)
@@ -406,7 +446,7 @@ class Dispatcher:
                     await claiming.release(self.pool, jobs)
                 return
             for row in rows:
-                self._endpoints[row["id"]] = Endpoint.from_row(row)
+                self._endpoints[row["id"]] = Endpoint.from_row(row, self.secrets)
         for job in jobs:
             if job.endpoint_id in self._endpoints:
                 self._scheduler.add(job)
@@ -502,6 +542,12 @@ class Dispatcher:
             released=released,
             unrecorded=left,
         )
+
+
+# SQLSTATE classes of a server going away or too busy for now: connection exceptions,
+# insufficient resources, operator intervention (shutdown, restart, cancel), transaction
+# rollbacks (serialization, deadlock) and a read-only server (a failover in progress).
+SERVER_GONE_SQLSTATE_CLASSES = ("08", "53", "57", "40", "25006")
 
 
 def tune_gc() -> None:

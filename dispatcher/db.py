@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -106,6 +107,21 @@ async def create_pool(
     return pool
 
 
+@contextlib.asynccontextmanager
+async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    """A pooled connection, dropped if a statement on it times out, and the pool's others then
+    replaced as they are next taken: a connection that stopped answering (a network path
+    dropping packets, a failed-over primary's old address) is seldom the only one, and handing
+    it back would cost another timeout on the pool's reset query."""
+    async with pool.acquire() as conn:
+        try:
+            yield conn
+        except TimeoutError:
+            await pool.expire_connections()
+            conn.terminate()
+            raise
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -124,8 +140,9 @@ def migrations() -> list[Migration]:
     return found
 
 
-async def migrate(config: DatabaseConfig) -> list[str]:
-    """Apply every migration not yet recorded; safe to run twice and from two hosts at once."""
+async def migrate(config: DatabaseConfig, *, max_payload_bytes: int | None = None) -> list[str]:
+    """Apply every migration not yet recorded, then set the outbox's payload limit if given
+    (None leaves it as it is); safe to run twice and from two hosts at once."""
     conn = await connect(config, check=False)
     schema = config.schema
     applied: list[str] = []
@@ -156,6 +173,9 @@ async def migrate(config: DatabaseConfig) -> list[str]:
                         m.name,
                     )
                 applied.append(m.name)
+            if max_payload_bytes is not None:
+                changed = await _set_payload_limit(conn, schema, max_payload_bytes)
+                applied.extend([changed] if changed else [])
         finally:
             await conn.execute(
                 "SELECT pg_advisory_unlock(hashtext($1))", f"dispatcher.migrate.{schema}"
@@ -165,6 +185,31 @@ async def migrate(config: DatabaseConfig) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+async def _set_payload_limit(conn: asyncpg.Connection, schema: str, limit: int) -> str | None:
+    """Make the outbox's payload check `outbox_payload_max_<limit>_bytes` (see
+    sql/006_hostile_rows.sql); the new constraint's name if it changed anything. NOT VALID:
+    rows already in the outbox were accepted under the old limit."""
+    name = f"outbox_payload_max_{int(limit)}_bytes"
+    found = {
+        r["conname"]
+        for r in await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass"
+            " AND contype = 'c' AND conname LIKE 'outbox\\_payload\\_max\\_%'",
+            f'"{schema}".outbox',
+        )
+    }
+    if found == {name}:
+        return None
+    changes = [f'DROP CONSTRAINT "{old}"' for old in sorted(found - {name})]
+    if name not in found:
+        changes.append(
+            f'ADD CONSTRAINT "{name}" CHECK (fanned_out_at IS NOT NULL'
+            f" OR pg_column_size(payload) <= {int(limit)}) NOT VALID"
+        )
+    await conn.execute(f'ALTER TABLE "{schema}".outbox {", ".join(changes)}')
+    return name
 
 
 async def check_schema(conn: Executor) -> None:

@@ -96,6 +96,16 @@ def add_parsers(
     show = verbs.add_parser("show", parents=[common, listing], help="one delivery and its attempts")
     show.add_argument("id", type=record_id)
 
+    skip = verbs.add_parser(
+        "skip",
+        parents=[common, listing],
+        help="let an ordered key move on past a failed delivery that blocks it",
+        description='On an ordered endpoint with [delivery] ordered_after_failure = "block", a'
+        " delivery that failed for good keeps the later events of its ordering key waiting."
+        " This leaves it failed (replay it later if you like) and sends the next one.",
+    )
+    skip.add_argument("id", type=record_id)
+
     replay = sub.add_parser(
         "replay",
         parents=[common, listing],
@@ -206,6 +216,10 @@ async def cmd_delivery_list(
     await _custom_plans(conn)
     rows = await conn.fetch(Q["list_deliveries"], *selection.params(), args.limit)
     views = [dict(r) for r in rows]
+    for v in views:
+        if v["waiting_behind"] is not None:
+            # Its due time only paces re-checks: it goes when the one ahead of it finishes.
+            v["next_attempt_at"] = None
     if args.json:
         _print_json(views)
         return 0
@@ -221,14 +235,24 @@ async def cmd_delivery_list(
             ("event_type", "TYPE"),
             ("tenant", "TENANT"),
             ("endpoint_id", "ENDPOINT"),
-            ("status", "STATUS"),
+            ("state", "STATUS"),
             ("attempts", "ATTEMPTS"),
             ("last", "LAST"),
             ("next_attempt_at", "NEXT ATTEMPT"),
         ],
         last=lambda v: _last_result(v["last_status_code"], v["last_error"]),
+        state=_state,
     )
     return 0
+
+
+def _state(view: dict[str, Any]) -> str:
+    """The status, with what an ordered delivery waits behind or holds up."""
+    if view["waiting_behind"] is not None:
+        return f"waiting behind {view['waiting_behind']}"
+    if view["key_blocked"]:
+        return "failed, blocking its key"
+    return str(view["status"])
 
 
 async def cmd_delivery_show(
@@ -279,6 +303,36 @@ async def cmd_delivery_show(
             print(f"       response: {_text(a['response_excerpt'])}")
     if replay_at == len(attempts):
         print(replay_mark)
+    return 0
+
+
+async def cmd_delivery_skip(
+    args: argparse.Namespace, config: Config, conn: asyncpg.Connection
+) -> int:
+    """Release the ordering key a failed delivery blocks; the next event of the key goes."""
+    row = await conn.fetchrow(Q["skip_blocked_delivery"], args.id)
+    if row is None:
+        found = await conn.fetchrow(Q["show_delivery"], args.id)
+        if found is None:
+            raise CliError(f"delivery {args.id} does not exist")
+        raise CliError(
+            f"delivery {args.id} is {found['status']} and does not block an ordering key"
+            " (only a failed delivery on an ordered endpoint with"
+            ' ordered_after_failure = "block" does)'
+        )
+    log.warning(
+        "ordered_key_skipped",
+        delivery_id=row["id"],
+        event_id=row["event_id"],
+        endpoint_id=row["endpoint_id"],
+        ordering_key=row["ordering_key"],
+        next_delivery_id=row["released"],
+    )
+    if args.json:
+        _print_json({"skipped": row["id"], "next": row["released"]})
+    else:
+        nxt = f"; delivery {row['released']} is next" if row["released"] else ""
+        print(f"skipped delivery {row['id']}: its ordering key moves on{nxt}")
     return 0
 
 
@@ -508,6 +562,7 @@ def _print_table(
 DB_HANDLERS: dict[tuple[str, str | None], DbCommand] = {
     ("delivery", "list"): cmd_delivery_list,
     ("delivery", "show"): cmd_delivery_show,
+    ("delivery", "skip"): cmd_delivery_skip,
     ("replay", None): cmd_replay,
     ("status", None): cmd_status,
 }

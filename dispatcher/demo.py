@@ -14,10 +14,12 @@ import hmac
 import io
 import json
 import random
+import shutil
+import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from .config import (
     SecurityConfig,
 )
 from .daemon import Dispatcher
-from .db import connect_kwargs, migrate
+from .db import Q, connect_kwargs, migrate
 from .pgcluster import EphemeralPostgres
 from .signing import generate_secret
 
@@ -46,8 +48,9 @@ HOST = "127.0.0.1"
 DEADLINE = 45.0
 """Seconds the deliveries may take before the demo gives up."""
 READY_TIMEOUT = 15.0
-TICK = 0.5
-PLAIN_EVERY = 2.0
+TICK = 0.25
+"""Seconds between progress readings (one query each), and redraws on a terminal."""
+PLAIN_EVERY = 1.0
 """Seconds between progress lines when stdout is not a terminal."""
 SIGNATURE_TOLERANCE = 300
 """Seconds a webhook-timestamp may be off, as Standard Webhooks libraries allow."""
@@ -86,18 +89,35 @@ Event = tuple[str, dict[str, Any], str | None]
 
 
 async def run_demo(events: int = 60) -> int:
-    """Run the demo end to end and return the exit code; the cluster goes even on Ctrl-C."""
+    """Run the demo end to end and return the exit code; the cluster goes even on Ctrl-C or a
+    SIGTERM (`timeout 30 dispatcher demo`, a CI job cancelled), which unwind like Ctrl-C does."""
     daemon_log = DaemonLog()
     cluster = EphemeralPostgres(durable=False)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    terminated = asyncio.Event()
+
+    def on_sigterm() -> None:
+        terminated.set()
+        main.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         print("Loyalty webhook dispatcher demo")
         cluster.start()  # blocking on purpose: nothing else runs yet, and a thread could outlive us
         print(f"  PostgreSQL  {HOST}:{cluster.port} in {cluster.root} (removed at exit)")
         return await _demo(cluster.dsn, events, daemon_log)
+    except asyncio.CancelledError:
+        if not terminated.is_set():
+            raise
+        print("\ndispatcher demo: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception:
         sys.stderr.write(daemon_log.tail())  # the daemon's own account of what went wrong
         raise
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         cluster.cleanup()
 
 
@@ -114,7 +134,7 @@ async def _demo(dsn: str, events: int, daemon_log: DaemonLog) -> int:
             rows = await _summary(conn)
         finally:
             await conn.close()
-    _print_summary(rows, names, progress.elapsed)
+    _print_summary(rows, names, progress)
     _print_receivers(healthy, flaky)
     print(f"  {daemon_log.summary()}")
     _print_explore()
@@ -412,55 +432,101 @@ async def _insert_events(conn: asyncpg.Connection, burst: list[Event]) -> None:
 
 @dataclass(frozen=True)
 class Progress:
-    """Delivery counts by status, attempts so far, and events not yet fanned out."""
+    """One reading of the tables: deliveries by state, attempts begun, events not fanned out."""
 
-    statuses: dict[str, int]
+    delivered: int
+    retrying: int
+    pending: int
+    failed: int
+    paused: int
     attempts: int
     unrouted: int
     elapsed: float
+    rate: float = 0.0
+    """Deliveries succeeded per second, over about the last second."""
+
+    @property
+    def total(self) -> int:
+        """Deliveries fanned out so far, in any state."""
+        return self.delivered + self.retrying + self.pending + self.failed + self.paused
 
     @property
     def settled(self) -> bool:
         """Every event fanned out and every delivery finished, one way or the other."""
-        open_ = sum(self.statuses.get(s, 0) for s in ("pending", "delivering", "paused"))
-        return self.unrouted == 0 and open_ == 0 and bool(self.statuses)
+        open_ = self.retrying + self.pending + self.paused
+        return self.unrouted == 0 and open_ == 0 and self.total > 0
 
     def line(self) -> str:
-        """One compact status line."""
-        order = ("succeeded", "pending", "delivering", "failed", "paused")
-        counts = "  ".join(f"{s} {self.statuses[s]}" for s in order if self.statuses.get(s))
-        waiting = f"  awaiting fan-out {self.unrouted}" if self.unrouted else ""
-        counts = counts or "no deliveries yet"
-        return f"  {self.elapsed:5.1f}s  {counts}{waiting}  attempts {self.attempts}"
+        """One compact status line, the same on a terminal and in a log; the most telling first,
+        as a narrow terminal cuts the end off."""
+        paused = f"  paused {self.paused}" if self.paused else ""
+        waiting = f"  events awaiting fan-out {self.unrouted}" if self.unrouted else ""
+        return (
+            f"{self.elapsed:4.1f}s  delivered {self.delivered} ({self.rate:.0f}/s)"
+            f"  retrying {self.retrying}  failed {self.failed}  pending {self.pending}{paused}"
+            f"  attempts {self.attempts}{waiting}"
+        )
+
+    def bar(self, width: int = 12) -> str:
+        """Finished deliveries of those fanned out so far: # delivered, x failed."""
+        if not self.total:
+            return "[" + "." * width + "]"
+        done = round(width * self.delivered / self.total)
+        failed = min(width - done, round(width * self.failed / self.total))
+        return "[" + "#" * done + "x" * failed + "." * (width - done - failed) + "]"
 
 
-async def _progress(conn: asyncpg.Connection, elapsed: float) -> Progress:
-    """Read the current counts straight from the tables the backend can read too."""
-    rows = await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
-    row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM attempts) AS attempts,"
-        " (SELECT count(*) FROM outbox WHERE fanned_out_at IS NULL) AS unrouted"
-    )
+class _Rate:
+    """A count's rate of change over about the last `window` seconds, from successive readings."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        """No readings yet."""
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, at: float, count: int) -> float:
+        """Add a reading; the rate since the newest reading at least `window` old (or the first)."""
+        self.samples.append((at, count))
+        while len(self.samples) > 1 and at - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        then, before = self.samples[0]
+        return (count - before) / (at - then) if at > then else 0.0
+
+
+async def _progress(conn: asyncpg.Connection, elapsed: float, rate: _Rate) -> Progress:
+    """Read the counts straight from the tables the backend can read too: one query."""
+    row = await conn.fetchrow(Q["demo_progress"])
     assert row is not None
-    return Progress({r["status"]: r["n"] for r in rows}, row["attempts"], row["unrouted"], elapsed)
+    return Progress(**dict(row), elapsed=elapsed, rate=rate.update(elapsed, row["delivered"]))
 
 
 async def _watch(conn: asyncpg.Connection, daemon: asyncio.Task[None]) -> Progress:
-    """Show progress until everything settles, the daemon ends, or the deadline passes."""
+    """Show progress until everything settles, the daemon ends, or the deadline passes.
+
+    On a terminal one line is redrawn in place every tick; otherwise (a pipe, a log, a test) a
+    plain line is printed about every PLAIN_EVERY seconds, and a last one when it is over.
+    """
     tty = sys.stdout.isatty()
+    rate = _Rate()
     start = time.monotonic()
     shown_at = -PLAIN_EVERY
-    while True:
-        progress = await _progress(conn, time.monotonic() - start)
-        over = progress.settled or daemon.done() or progress.elapsed >= DEADLINE
+    try:
+        while True:
+            progress = await _progress(conn, time.monotonic() - start, rate)
+            over = progress.settled or daemon.done() or progress.elapsed >= DEADLINE
+            if tty:
+                columns = shutil.get_terminal_size().columns - 1
+                text = f"  {progress.bar()} {progress.line()}"[:columns]
+                print(f"\r{text}\x1b[K", end="", flush=True)
+            elif over or progress.elapsed - shown_at >= PLAIN_EVERY - TICK / 2:
+                print(f"  {progress.line()}", flush=True)
+                shown_at = progress.elapsed
+            if over:
+                return progress
+            await asyncio.sleep(TICK)
+    finally:
         if tty:
-            print(f"\r{progress.line()}\x1b[K", end="\n" if over else "", flush=True)
-        elif over or progress.elapsed - shown_at >= PLAIN_EVERY:
-            print(progress.line(), flush=True)
-            shown_at = progress.elapsed
-        if over:
-            return progress
-        await asyncio.sleep(TICK)
+            print(flush=True)  # leave the last reading on screen, even after Ctrl-C
 
 
 async def _wait_ready(dispatcher: Dispatcher, task: asyncio.Task[None]) -> None:
@@ -487,46 +553,28 @@ async def _stop(dispatcher: Dispatcher, task: asyncio.Task[None], timeout: float
 
 # --------------------------------------------------------------------------- the report
 
-SUMMARY_SQL = """
-WITH d AS (
-    SELECT d.endpoint_id, d.status, extract(epoch FROM d.completed_at - o.created_at) AS latency
-    FROM deliveries d
-    JOIN outbox o ON o.seq = d.event_seq
-)
-SELECT e.id, e.url,
-       count(d.status) AS deliveries,
-       count(*) FILTER (WHERE d.status = 'succeeded') AS delivered,
-       count(*) FILTER (WHERE d.status IN ('pending', 'delivering', 'paused')) AS retrying,
-       count(*) FILTER (WHERE d.status = 'failed') AS failed,
-       (SELECT count(*) FROM attempts a WHERE a.endpoint_id = e.id) AS attempts,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY d.latency)
-           FILTER (WHERE d.status = 'succeeded') AS p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY d.latency)
-           FILTER (WHERE d.status = 'succeeded') AS p99
-FROM endpoints e
-LEFT JOIN d ON d.endpoint_id = e.id
-WHERE e.tenant = $1
-GROUP BY e.id
-ORDER BY e.id
-"""
-
 
 async def _summary(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """Per-endpoint outcome and latency (outbox insert to completed delivery), from SQL."""
-    return list(await conn.fetch(SUMMARY_SQL, TENANT))
+    """Per-endpoint outcome and end-to-end latency (outbox insert to 2xx recorded), from SQL."""
+    return list(await conn.fetch(Q["demo_summary"], TENANT))
 
 
-def _latency(seconds: float | None) -> str:
-    """Milliseconds below a second, seconds above; "-" when nothing was delivered."""
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+def _ms(value: float | None) -> str:
+    """Whole milliseconds; "-" when nothing was delivered."""
+    return "-" if value is None else f"{value:.0f}"
 
 
-def _print_summary(rows: list[asyncpg.Record], names: dict[int, str], took: float) -> None:
+def _print_summary(rows: list[asyncpg.Record], names: dict[int, str], progress: Progress) -> None:
     """The per-endpoint table."""
-    print(f"\nDone in {took:.1f}s. Per endpoint (latency: outbox insert to delivery):\n")
-    head = ("ENDPOINT", "URL", "DELIVERED", "RETRYING", "FAILED", "ATTEMPTS", "P50", "P99")
+    print(
+        f"\nDone in {progress.elapsed:.1f}s: {progress.delivered} of {progress.total} deliveries"
+        f" delivered, {progress.failed} failed after every retry, {progress.attempts} attempts."
+    )
+    print(
+        "Per endpoint; latency is end to end for delivered events, from the outbox insert to the"
+        "\n2xx recorded (outbox.created_at to deliveries.completed_at):\n"
+    )
+    head = ("ENDPOINT", "URL", "DELIVERED", "RETRYING", "FAILED", "ATTEMPTS", "P50 ms", "P99 ms")
     table = [
         (
             names.get(r["id"], str(r["id"])),
@@ -535,8 +583,8 @@ def _print_summary(rows: list[asyncpg.Record], names: dict[int, str], took: floa
             str(r["retrying"]),
             str(r["failed"]),
             str(r["attempts"]),
-            _latency(r["p50"]),
-            _latency(r["p99"]),
+            _ms(r["p50_ms"]),
+            _ms(r["p99_ms"]),
         )
         for r in rows
     ]
@@ -561,19 +609,25 @@ def _print_receivers(healthy: Receiver, flaky: Receiver) -> None:
 
 
 def _print_explore() -> None:
-    """The same steps against your own PostgreSQL."""
+    """What to run next: the demo's database is gone, so against your own PostgreSQL."""
     print(
-        "\nExplore further, against your own PostgreSQL:\n"
-        "  dispatcher migrate --config config.example.toml\n"
-        "  dispatcher endpoint add --config config.example.toml --tenant my-store \\\n"
-        "      --url https://example.com/webhooks --events 'points.*'\n"
-        "  dispatcher run --config config.example.toml\n"
+        "\nExplore further: the demo's database is gone, so against your own PostgreSQL"
+        "\n(each command takes --config PATH, or set DISPATCHER_DATABASE_DSN):\n"
+        "  dispatcher migrate                        create the webhooks schema\n"
+        "  dispatcher endpoint add --tenant my-store --url https://example.com/webhooks \\\n"
+        "      --events 'points.*'                   prints the endpoint's id and secret once\n"
+        "  dispatcher run                            the daemon (systemd/dispatcher.service)\n"
         "  # then, from the loyalty backend, in the same transaction as the points change:\n"
         "  INSERT INTO webhooks.outbox (tenant, event_type, payload)\n"
         "  VALUES ('my-store', 'points.earned',\n"
         '          \'{"customer_id":"cust_123","amount":150,"new_balance":2350}\');\n'
         "  # and see what happened:\n"
-        "  SELECT status, attempts, last_status_code, last_error FROM webhooks.deliveries;"
+        "  dispatcher status                         backlog, throughput, endpoints in trouble\n"
+        "  dispatcher endpoint list                  endpoints and their failure streaks\n"
+        "  dispatcher delivery list --endpoint ID --status failed\n"
+        "  dispatcher delivery show DELIVERY_ID      the delivery and every attempt of it\n"
+        "  dispatcher replay --endpoint ID --dry-run count; drop --dry-run to re-queue them\n"
+        "  dispatcher demo --events 500              a bigger burst here"
     )
 
 

@@ -155,8 +155,20 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# orjson reads an integer beyond 64 bits as a float, silently changing it (jsonb keeps every
+# digit); a run of 19 digits sends the text to the stdlib, which keeps integers exact.
+_LONG_DIGITS = re.compile(r"\d{19}")
+_STRING_OR_BLANKS = re.compile(r'("(?:[^"\\]|\\.)*")|\s+')
+
+
 def _loads(text: str) -> Any:
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # nested deeper than orjson goes, or not JSON: the stdlib says which
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
         return json.loads(text)
+    except RecursionError:
+        # Nested deeper than Python parses (jsonb allows it): sent as the text, compacted.
+        return orjson.Fragment(_STRING_OR_BLANKS.sub(lambda m: m.group(1) or "", text))

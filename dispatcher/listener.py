@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
 
 import asyncpg
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from .config import DatabaseConfig
 from .db import connect_kwargs
@@ -21,6 +21,9 @@ log = structlog.get_logger("dispatcher")
 
 PROBE_INTERVAL = 5.0
 PROBE_TIMEOUT = 5.0
+# Reconnect delays: random up to 0.2 s, 0.4 s, 0.8 s, ... at most 10 s ("full jitter").
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 10.0
 _RECONNECTABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -39,32 +42,46 @@ class Listener:
         self._wake = wake
         self._on_reconnect = on_reconnect
         self.connected = False
+        # Connections re-established after the first (failed attempts are not counted).
         self.reconnects = 0
+        self._listened_before = False
+        self._listening = False
 
     async def run(self) -> None:
-        """Run until cancelled."""
-        first = True
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(_RECONNECTABLE),
-            wait=wait_random_exponential(multiplier=0.2, max=10),
-            before_sleep=self._before_sleep,
-            reraise=True,
-        ):
-            with attempt:
-                if not first:
-                    self.reconnects += 1
-                    if self._on_reconnect:
-                        self._on_reconnect()
-                first = False
+        """Run until cancelled. The backoff starts over after every connection that got as far
+        as LISTEN, so a drop after hours of service is retried at once, not after the longest
+        delay an earlier outage reached."""
+        failures = 0
+        while True:
+            self._listening = False
+            try:
                 await self._listen_once()
+            except _RECONNECTABLE as exc:
+                failures = 1 if self._listening else failures + 1
+                delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
+                log.warning(
+                    "listener_disconnected",
+                    channel=self.channel,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    failures=failures,
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
 
     async def _listen_once(self) -> None:
         lost = asyncio.Event()
-        conn = await asyncpg.connect(**connect_kwargs(self._config))
+        # The LISTEN too must not wait forever on a connection that went silent.
+        conn = await asyncpg.connect(**connect_kwargs(self._config), command_timeout=PROBE_TIMEOUT)
         try:
             conn.add_termination_listener(lambda _c: lost.set())
             await conn.add_listener(self.channel, self._on_notify)
-            self.connected = True
+            self.connected = self._listening = True
+            if self._listened_before:
+                self.reconnects += 1
+                if self._on_reconnect:
+                    self._on_reconnect()
+            self._listened_before = True
             log.info("listener_connected", channel=self.channel)
             # Anything inserted while we were not listening sent no notification we could hear.
             self._wake()
@@ -80,15 +97,3 @@ class Listener:
 
     def _on_notify(self, *_args: object) -> None:
         self._wake()
-
-    def _before_sleep(self, state: object) -> None:
-        outcome = getattr(state, "outcome", None)
-        exc = outcome.exception() if outcome is not None else None
-        next_sleep = getattr(getattr(state, "next_action", None), "sleep", None)
-        log.warning(
-            "listener_disconnected",
-            channel=self.channel,
-            error=type(exc).__name__ if exc else None,
-            detail=str(exc)[:200] if exc else None,
-            retry_in_s=round(next_sleep, 2) if isinstance(next_sleep, float) else None,
-        )

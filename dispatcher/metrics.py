@@ -58,6 +58,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Sampled every [log] summary_interval (dispatcher.monitoring), not kept live.
+        self.backlog = Gauge(
+            "webhook_deliveries_backlog",
+            "Deliveries by status (pending, delivering, paused, failed; succeeded not counted)",
+            ["status"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "webhook_outbox_backlog", "Events not fanned out yet", registry=r
+        )
+        self.lag = Gauge(
+            "webhook_lag_seconds",
+            "How long the oldest due delivery or event not fanned out has waited",
+            registry=r,
+        )
 
 
 async def start_http(

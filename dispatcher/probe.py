@@ -30,6 +30,7 @@ from .db import Q
 from .endpoints import Endpoint
 from .envelope import render_body
 from .errors import CliError
+from .secretbox import box_for
 from .sending import Outcome, Sender
 from .signing import SigningError
 
@@ -117,7 +118,7 @@ async def send_test_event(
     row = await conn.fetchrow(Q["endpoints_by_id"], [endpoint_id])
     if row is None:
         raise CliError(f"endpoint {endpoint_id} does not exist")
-    endpoint = Endpoint.from_row(row)
+    endpoint = Endpoint.from_row(row, box_for(config.security))
     known = (t.name for t in catalog(config.events.extra))
     chosen = pick_event_type(list(row["event_types"]), event_type, known)
     event_id = f"evt_test_{uuid.uuid4().hex}"

@@ -10,10 +10,10 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import asyncpg.pool
@@ -23,7 +23,7 @@ from . import ops
 from .claiming import Job
 from .clock import Clock
 from .config import DisableConfig, OpsConfig
-from .db import Q
+from .db import Q, acquire
 from .health import Health, over_limit, streaks
 from .metrics import Metrics
 from .retry import Decision
@@ -69,8 +69,11 @@ class ResultWriter:
         metrics: Metrics | None = None,
         on_retry_recorded: Callable[[datetime], None] | None = None,
         ops: OpsConfig | None = None,
+        ordered_after_failure: str = "move_on",
     ) -> None:
         self._pool = pool
+        # Whether a delivery that failed for good keeps its ordering key blocked.
+        self.block_failed_keys = ordered_after_failure == "block"
         # Operational events go to the ops tenant ("" = off); see dispatcher/ops.py.
         self._ops = ops or OpsConfig()
         self._ops_tenant = self._ops.tenant
@@ -162,7 +165,7 @@ class ResultWriter:
         atomic = bool(self._ops_tenant) and any(
             not r.outcome.ok or r.job.endpoint_id in self._failing for r in batch
         )
-        async with self._pool.acquire() as conn, _transaction(conn, atomic):
+        async with acquire(self._pool) as conn, _transaction(conn, atomic):
             row = await conn.fetchrow(
                 Q["record_results"],
                 [j.delivery_id for j in jobs],
@@ -183,6 +186,7 @@ class ResultWriter:
                 [s.succeeded for s in by_endpoint.values()],
                 [s.trailing_failures for s in by_endpoint.values()],
                 now,
+                self.block_failed_keys,
             )
             assert row is not None
             written = zip(row["statuses"] or (), row["next_attempts"] or (), strict=True)
@@ -229,7 +233,11 @@ class ResultWriter:
             else:
                 self._failing.discard(h.endpoint_id)
         _log_batch(batch, state)
+        _log_ordered_failures(batch, row["ordered_failed_ids"] or (), self.block_failed_keys)
         retries = [at for st, at in state.values() if st == "pending"]
+        if row["released"]:
+            # Ordered keys moved on: their next deliveries are due now.
+            retries.append(datetime.now(UTC))
         if self._on_retry_recorded and retries:
             self._on_retry_recorded(min(retries))
         m = self._metrics
@@ -337,6 +345,27 @@ class ResultWriter:
 def _transaction(conn: Connection, atomic: bool) -> AbstractAsyncContextManager[object]:
     """A transaction when `atomic`, else nothing (each statement commits on its own)."""
     return conn.transaction() if atomic else contextlib.nullcontext()
+
+
+def _log_ordered_failures(batch: list[Result], failed_ids: Sequence[int], blocked: bool) -> None:
+    """Say what a delivery that failed for good did to its ordering key."""
+    ids = set(failed_ids)
+    for r in batch:
+        job = r.job
+        if job.delivery_id not in ids:
+            continue
+        fields = {
+            "delivery_id": job.delivery_id,
+            "event_id": job.event_id,
+            "tenant": job.tenant,
+            "endpoint_id": job.endpoint_id,
+            "ordering_key": job.ordering_key,
+        }
+        if blocked:
+            # Later events of this key wait for `delivery skip` or `replay`.
+            log.error("ordered_key_blocked", **fields)
+        else:
+            log.warning("ordered_key_moved_on", **fields)
 
 
 def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:

@@ -12,6 +12,7 @@ from .config import Config
 # sockets, the lease behind claims already made, the sender's TLS and network rules).
 LIVE: dict[str, frozenset[str] | None] = {
     "log": None,  # every key of the section
+    "http": frozenset({"max_lag"}),
     "retry": None,
     "disable": None,
     "delivery": frozenset(
@@ -23,6 +24,7 @@ LIVE: dict[str, frozenset[str] | None] = {
             "batch_size",
             "flush_interval",
             "shutdown_grace",
+            "ordered_after_failure",
         }
     ),
 }

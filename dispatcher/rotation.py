@@ -21,6 +21,7 @@ from .argtypes import record_id
 from .config import Config, format_duration, parse_duration
 from .db import Q
 from .errors import CliError
+from .secretbox import SecretBox, box_for
 from .signing import fingerprint, generate_secret
 
 DbCommand = Callable[[argparse.Namespace, Config, asyncpg.Connection], Awaitable[int]]
@@ -47,9 +48,11 @@ class Rotated:
         return self.old_secret_expires_at is not None and self.profile in MULTI_SIGNATURE
 
 
-async def rotate_secret(conn: asyncpg.Connection, endpoint_id: int, grace: float) -> Rotated:
-    """Give the endpoint a new secret for its profile; keep the current one valid for `grace`
-    seconds (0: drop it now). Any earlier rotated-out secret is dropped."""
+async def rotate_secret(
+    conn: asyncpg.Connection, endpoint_id: int, grace: float, box: SecretBox | None = None
+) -> Rotated:
+    """Give the endpoint a new secret for its profile, stored sealed by `box`; keep the current
+    one valid for `grace` seconds (0: drop it now). Any earlier rotated-out secret is dropped."""
     if not 0 <= grace <= MAX_GRACE:
         raise CliError(f"--grace must be between 0s and {format_duration(MAX_GRACE)}")
     async with conn.transaction():
@@ -57,7 +60,8 @@ async def rotate_secret(conn: asyncpg.Connection, endpoint_id: int, grace: float
         if profile is None:
             raise CliError(f"endpoint {endpoint_id} does not exist")
         secret = generate_secret(profile)
-        expires = await conn.fetchval(Q["rotate_secret"], endpoint_id, secret, grace)
+        stored = (box or SecretBox()).seal(secret)
+        expires = await conn.fetchval(Q["rotate_secret"], endpoint_id, stored, grace)
     return Rotated(endpoint_id, profile, secret, expires)
 
 
@@ -99,7 +103,7 @@ def add_parser(
 async def cmd_endpoint_rotate_secret(
     args: argparse.Namespace, config: Config, conn: asyncpg.Connection
 ) -> int:
-    r = await rotate_secret(conn, args.id, args.grace)
+    r = await rotate_secret(conn, args.id, args.grace, box_for(config.security))
     at = r.old_secret_expires_at
     expires, until = (at.isoformat(), at.isoformat(timespec="seconds")) if at else (None, None)
     if args.json:

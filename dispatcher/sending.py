@@ -3,6 +3,7 @@ and every connection checked against the address policy at connect time (no SSRF
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import time
@@ -11,6 +12,7 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
+from aiohttp.abc import AbstractResolver
 
 from . import __version__
 from .addresses import forbidden_address
@@ -71,6 +73,7 @@ class Sender:
         allow_private_networks: bool,
         user_agent: str = "",
         ssl_context: ssl.SSLContext | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self.max_response_bytes = max_response_bytes
         self.excerpt_bytes = excerpt_bytes
@@ -79,6 +82,7 @@ class Sender:
             limit=concurrency,
             limit_per_host=0,
             ttl_dns_cache=10,
+            resolver=resolver,
             ssl=ssl_context if ssl_context is not None else True,
             socket_factory=None if allow_private_networks else guarded_socket_factory,
         )
@@ -112,9 +116,9 @@ class Sender:
             retry_after: float | None = None,
         ) -> Outcome:
             ms = int((time.perf_counter() - started) * 1000)
-            return Outcome(status, error, detail, excerpt, ms, retry_after)
+            return Outcome(status, error, _text(detail), _text(excerpt), ms, retry_after)
 
-        if url.startswith("http://") and not self.allow_http:
+        if not self.allow_http and url[:8].lower() != "https://":
             return done(None, "blocked_address", "plain http is not allowed")
         try:
             async with self._session.post(
@@ -144,9 +148,19 @@ class Sender:
             if "blocked" in str(exc.os_error):
                 return done(None, "blocked_address", _first_line(exc.os_error))
             return done(None, "connect_error", _first_line(exc.os_error))
-        except (aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
+        except aiohttp.ServerDisconnectedError:
+            return done(None, "connection_reset", "closed before the response was complete")
+        except ConnectionResetError as exc:
             return done(None, "connection_reset", _first_line(exc))
-        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+        except aiohttp.ClientOSError as exc:
+            # Connected, then the connection broke (an RST mid-response, a broken pipe).
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
+                return done(None, "connection_reset", _first_line(exc))
+            return done(None, "connect_error", _first_line(exc))
+        except aiohttp.ClientResponseError as exc:
+            # Not HTTP, or HTTP past the parser's limits (garbage bytes, an 8 KB header line).
+            return done(None, "invalid_response", _first_line(exc.message).rstrip(":"))
+        except aiohttp.ClientPayloadError as exc:
             return done(None, "invalid_response", _first_line(exc))
         except ssl.SSLError as exc:
             return done(None, "tls_error", _first_line(exc))
@@ -189,6 +203,13 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _first_line(exc: BaseException | None) -> str:
+def _text(value: str | None) -> str | None:
+    """Receiver-chosen text as PostgreSQL can store it: text columns refuse NUL."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _first_line(exc: BaseException | str | None) -> str:
     text = str(exc).strip() if exc is not None else ""
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    if not text:
+        return "" if isinstance(exc, str) else type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,4 +1,5 @@
-"""systemd's notify protocol (sd_notify), without libsystemd: READY, WATCHDOG, STATUS, STOPPING.
+"""systemd's notify protocol (sd_notify), without libsystemd: READY, WATCHDOG, STATUS, STOPPING,
+and RELOADING around a SIGHUP reload (what Type=notify-reload expects).
 
 Active only when systemd set NOTIFY_SOCKET (a path, or "@name" for an abstract socket). Every
 message is one datagram of NAME=value lines. Sending never raises: a missing socket or a failed
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,8 @@ class Notifier:
         self.watchdog_interval = watchdog_usec / 2_000_000 if watchdog_usec else None
         self._sock: socket.socket | None = None
         self._warned = False
+        # READY=1 has been sent (and STOPPING=1 not yet): a reload may say RELOADING=1.
+        self.ready = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
@@ -74,6 +78,18 @@ class Notifier:
             return False
         return True
 
+    def reloading(self) -> None:
+        """Before a reload: RELOADING=1 with CLOCK_MONOTONIC in µs, as sd_notify(3) asks.
+        Nothing before READY=1 was sent (systemd would take the READY=1 after for the first)."""
+        if self.ready:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notify(RELOADING=1, MONOTONIC_USEC=usec)
+
+    def reloaded(self) -> None:
+        """After a reload, taken or refused (the old config runs on): READY=1."""
+        if self.ready:
+            self.notify(READY=1)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -93,6 +109,7 @@ class Notifier:
             if not stopped.done():
                 status = _status(daemon)
                 self.notify(READY=1, STATUS=status)
+                self.ready = True
                 log.info("systemd_ready", watchdog_interval_s=self.watchdog_interval)
             while not stopped.done():
                 now = _status(daemon)
@@ -104,6 +121,7 @@ class Notifier:
                 if fields:
                     self.notify(**fields)
                 await asyncio.wait({stopped}, timeout=self.watchdog_interval or 1.0)
+            self.ready = False
             self.notify(STOPPING=1, STATUS=f"Stopping: {daemon.in_flight} requests in flight")
             # Shutting down may take [delivery] shutdown_grace: keep the watchdog fed meanwhile.
             interval = self.watchdog_interval

@@ -1,0 +1,19 @@
+-- 005: ordered delivery. An ordered endpoint receives the deliveries that share an ordering_key
+-- one at a time, in outbox order (event_seq).
+--   ordering_key  copied from the event when the delivery is made for an ordered endpoint, NULL
+--                 otherwise: every rule below looks at this column only, so unordered
+--                 deliveries pay nothing for the feature.
+--   key_blocked   a failed delivery (retries exhausted) that still holds its key, under
+--                 [delivery] ordered_after_failure = "block", until replayed or skipped.
+-- A delivery "holds" its key while pending, delivering or paused, or failed with key_blocked;
+-- only a key's earliest holder may be claimed. Both columns have constant defaults: adding them
+-- rewrites nothing.
+ALTER TABLE deliveries
+    ADD COLUMN IF NOT EXISTS ordering_key text,
+    ADD COLUMN IF NOT EXISTS key_blocked boolean NOT NULL DEFAULT false;
+
+-- A key's queue on one endpoint, in outbox order: "is anything ahead of me?" is one probe.
+-- Partial, so unordered deliveries never enter it and finished ones leave it.
+CREATE INDEX IF NOT EXISTS deliveries_key_queue ON deliveries (endpoint_id, ordering_key, event_seq)
+    WHERE ordering_key IS NOT NULL
+      AND (status IN ('pending', 'delivering', 'paused') OR key_blocked);
