@@ -25,6 +25,7 @@ from bench.drain import DrainResult, run_drain
 from bench.fairness import FairnessResult, run_fairness
 from bench.harness import DISPATCHER_CONCURRENCY, Context
 from bench.latency import LatencyResult, run_latency
+from bench.ordered import OrderedResult, run_ordered
 from bench.peer import SETTINGS as PEER_SETTINGS
 from bench.peer import SMOKE_SETTINGS as PEER_SMOKE_SETTINGS
 from bench.peer import PeerResult, run_peer
@@ -44,6 +45,7 @@ SCENARIOS = (
     "fairness",
     "replicas",
     "retention",
+    "ordered",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CALIBRATION_EVENTS = 10_000
@@ -77,6 +79,7 @@ class Settings:
     dispatcher_concurrency: int
     retention_rows: int = 1_000_000
     retention_batch: int = 5000
+    ordered_events: int = 50_000
 
 
 def _int_list(text: str) -> list[int]:
@@ -173,11 +176,17 @@ def parse_args(argv: list[str] | None) -> Settings:
         default=5000,
         help="retention: [retention] batch, rows per statement (5000)",
     )
+    p.add_argument(
+        "--ordered-events",
+        type=int,
+        default=50_000,
+        help="ordered: backlog of each of its five drains (50000)",
+    )
     a = p.parse_args(argv)
     if len(set(a.scale_events)) < 2:
         p.error("--scale-events needs two different sizes, e.g. 10000,1000000")
-    if a.fairness_events < 1 or a.replicas_events < 1:
-        p.error("--fairness-events and --replicas-events must be at least 1")
+    if a.fairness_events < 1 or a.replicas_events < 1 or a.ordered_events < 1:
+        p.error("--fairness-events, --replicas-events and --ordered-events must be at least 1")
     if a.retention_rows < 1:
         p.error("--retention-rows must be at least 1")
     if not 1 <= a.retention_batch <= 100_000:
@@ -210,10 +219,14 @@ def parse_args(argv: list[str] | None) -> Settings:
         dispatcher_concurrency=a.dispatcher_concurrency,
         retention_rows=a.retention_rows,
         retention_batch=a.retention_batch,
+        ordered_events=a.ordered_events,
     )
     if a.smoke:
         settings.events = min(settings.events, 2_000)
-        settings.duration = settings.ceiling_seconds = settings.insert_seconds = 1.0
+        settings.duration = settings.ceiling_seconds = settings.insert_seconds = 0.5
+        # One cell per axis end is enough to prove the code runs; CI time is precious.
+        settings.concurrency = settings.concurrency[-1:]
+        settings.producers = [settings.producers[0], settings.producers[-1]]
         settings.insert_rounds = 1
         settings.install = False
         settings.scale_events = [1_000, 4_000]
@@ -221,6 +234,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         settings.fairness_seconds = 1.0
         settings.replicas_events = min(settings.replicas_events, 2_000)
         settings.retention_rows = min(settings.retention_rows, 5_000)
+        settings.ordered_events = min(settings.ordered_events, 1_000)
     return settings
 
 
@@ -381,10 +395,16 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
         )
         if retention is not None:
             _show(retention_table(retention))
+    ordered: OrderedResult | None = None
+    if "ordered" in s.only:
+        ordered = await scenario("ordered", run_ordered(ctx, s.ordered_events))
+        if ordered is not None:
+            _show(report.ordered_table(ordered))
     summary = _summary(ceiling, drain, latency, backend)
     summary.update(_more_summary(scale, fairness, replicas))
     summary.update(_peer_summary(peer, drain))
     summary.update(_retention_summary(retention))
+    summary.update(_ordered_summary(ordered))
     data["summary"] = summary
     if ctx.notes:
         data["notes"] = ctx.notes
@@ -475,4 +495,19 @@ def _retention_summary(r: RetentionResult | None) -> dict[str, float | None]:
         "retention: insert p99 ms during": r.during.p99_ms,
         "retention: insert max ms during": r.during.max_ms,
         "retention: inserts seen waiting on a lock during": r.during.lock_waits,
+    }
+
+
+def _ordered_summary(r: OrderedResult | None) -> dict[str, float | None]:
+    """Ordered delivery's cost on one endpoint, and the other keys' rate beside a stuck key."""
+    if r is None:
+        return {}
+    ordered_runs = [x.key_overlaps for x in r.runs if x.ordered]
+    out_of_order = sum(ordered_runs) + r.without_stuck.key_overlaps + r.with_stuck.key_overlaps
+    return {
+        "ordered: many keys / unordered": r.many_keys_ratio,
+        "ordered: few keys / unordered": r.few_keys_ratio,
+        "ordered: other keys with / without a stuck key": r.stuck_ratio,
+        "ordered: stuck key's later events sent": r.with_stuck.stuck_later_sent,
+        "ordered: deliveries sent out of key order": out_of_order,
     }

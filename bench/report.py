@@ -15,6 +15,7 @@ from bench.ceiling import CeilingResult
 from bench.drain import DrainResult
 from bench.fairness import FairnessResult, FairnessRun
 from bench.latency import LatencyResult
+from bench.ordered import OrderedResult, StuckRun
 from bench.peer import PeerResult, PeerRun
 from bench.replicas import ReplicasResult
 from bench.scale import ScaleResult
@@ -309,4 +310,70 @@ def replicas_table(r: ReplicasResult) -> str:
     return text + (
         f"\n2 / 1 processes: {_n(r.ratio, 3)} ({_n(r.after_startup_ratio, 3)} after start-up); "
         f"duplicate sends: {r.duplicate_sends}"
+    )
+
+
+def ordered_table(r: OrderedResult) -> str:
+    """The three throughput drains with their ratio to unordered, then the stuck-key pair."""
+    base = r.runs[0].after_startup_per_s
+    rows = [
+        [
+            x.mode,
+            "yes" if x.ordered else "no",
+            _n(x.keys),
+            _n(x.events),
+            _n(x.deliveries_per_s),
+            _n(x.after_startup_per_s),
+            _n(x.after_startup_per_s / base, 3),
+            _n(x.seconds, 2),
+            str(x.failed_attempts),
+            _n(x.key_overlaps),
+            f"{_n(x.handovers)}: {_n(x.handover_p50_ms, 1)} / {_n(x.handover_p99_ms, 1)}",
+            _n(x.cpu_us_per_delivery.get("dispatcher"), 0),
+            _n(x.cpu_us_per_delivery.get("postgres"), 0),
+            _cores(x.cores),
+        ]
+        for x in r.runs
+    ]
+    headers = ["run", "ordered", "keys", "events", "deliveries/s", "after start-up/s"]
+    headers += ["vs unordered", "seconds", "failed attempts", "sent out of key order"]
+    headers += ["key hand-overs: p50/p99 ms", "disp CPU us/dlv", "pg CPU us/dlv", "cores used"]
+    title = (
+        "ordered: one endpoint, backlog round-robin over ordering keys, dispatcher process"
+        f" ([delivery] concurrency {r.concurrency}, endpoint max_in_flight {r.concurrency})"
+    )
+    text = table(title, headers, rows, left=[0, 13])
+
+    def row(x: StuckRun) -> list[str]:
+        return [
+            "yes" if x.stuck else "no",
+            _n(x.keys),
+            _n(x.other_events),
+            _n(x.other_per_s),
+            _n(x.other_per_s_from_start),
+            str(x.other_failed_attempts),
+            _n(x.key_overlaps),
+            _n(x.stuck_events),
+            str(x.stuck_succeeded),
+            str(x.stuck_head_attempts),
+            str(x.stuck_later_sent),
+            str(x.stuck_seen_by_receiver),
+            _cores(x.cores),
+        ]
+
+    headers = ["key 0 failing", "keys", "other events", "other/s", "from start/s"]
+    headers += ["other failed", "out of key order", "key 0 events", "key 0 succeeded"]
+    headers += ["key 0 head tries", "key 0 later sent", "key 0 seen by receiver", "cores used"]
+    title = (
+        "ordered, stuck key: ordered endpoint, receiver in the benchmark process answering 500 to"
+        " key 0's requests (second run) or 200 to all (first run)"
+    )
+    text += "\n\n" + table(title, headers, [row(r.without_stuck), row(r.with_stuck)], left=[12])
+    w = r.with_stuck
+    return text + (
+        f"\nordered / unordered: {_n(r.many_keys_ratio, 3)} with {_n(r.runs[1].keys)} keys, "
+        f"{_n(r.few_keys_ratio, 3)} with {_n(r.runs[2].keys)} keys (after start-up); "
+        f"other keys with / without key 0 failing: {_n(r.stuck_ratio, 3)} (target about 1.0); "
+        f"key 0: head tried {w.stuck_head_attempts}, {w.stuck_later_sent} of "
+        f"{max(0, w.stuck_events - 1)} later events sent (should be 0)"
     )

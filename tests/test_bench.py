@@ -41,6 +41,7 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
         "fairness",
         "replicas",
         "retention",
+        "ordered",
     }
 
     ceiling = scenarios["ceiling"]
@@ -60,7 +61,7 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
 
     cells = scenarios["backend_cost"]["cells"]
     assert {(c["producers"], c["mode"]) for c in cells} == {
-        (n, mode) for n in (1, 4, 16) for mode in ("no trigger", "busy", "idle")
+        (n, mode) for n in (1, 16) for mode in ("no trigger", "busy", "idle")
     }
     assert all(_positive(c["inserts_per_s"]) for c in cells)
     assert _positive(scenarios["backend_cost"]["idle_notifications"])
@@ -99,6 +100,30 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert retention["kept"] == 250
     assert _positive(retention["deliveries_per_s"])
     assert retention["during"]["lock_waits"] == 0
+
+    ordered = scenarios["ordered"]
+    assert [r["mode"] for r in ordered["runs"]] == ["unordered", "many keys", "few keys"]
+    for r in ordered["runs"]:
+        assert r["events"] == 1000, r["mode"]
+        assert _positive(r["deliveries_per_s"]), r["mode"]
+        assert r["failed_attempts"] == 0, r["mode"]
+        if r["ordered"]:
+            assert r["key_overlaps"] == 0, r["mode"]
+    assert _positive(ordered["runs"][2]["handovers"])
+    assert _positive(ordered["runs"][2]["handover_p50_ms"])
+    assert _positive(ordered["many_keys_ratio"])
+    assert _positive(ordered["few_keys_ratio"])
+    without, stuck = ordered["without_stuck"], ordered["with_stuck"]
+    assert _positive(without["other_per_s"])
+    assert _positive(stuck["other_per_s"])
+    assert without["other_failed_attempts"] == stuck["other_failed_attempts"] == 0
+    assert without["key_overlaps"] == stuck["key_overlaps"] == 0
+    assert without["stuck_succeeded"] == without["stuck_events"] > 1
+    assert stuck["stuck_succeeded"] == 0
+    assert stuck["stuck_later_sent"] == 0
+    assert stuck["stuck_seen_by_receiver"] == 1
+    assert _positive(stuck["stuck_head_attempts"])
+    assert _positive(ordered["stuck_ratio"])
 
     assert _positive(data["summary"]["drain / ceiling"])
     assert _positive(data["summary"]["drain / peer"])
