@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import fields
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.config import (
@@ -319,6 +320,10 @@ INVALID_SETTINGS: list[Any] = [
     pytest.param(None, {"DISPATCHER_DATABASE_SCHEMA": "a" * 64}, "schema", id="schema-64-chars"),
     pytest.param(None, {"DISPATCHER_DATABASE_DSN": "mysql://x/y"}, "dsn", id="dsn-not-pg"),
     pytest.param('[log]\nlevel = "loud"\n', {}, "level", id="log-level"),
+    pytest.param(
+        '[log]\nsummary_interval = "2h"\n', {}, "summary_interval", id="summary-interval-2h"
+    ),
+    pytest.param(None, {"DISPATCHER_HTTP_MAX_LAG": "500ms"}, "max_lag", id="max-lag-500ms"),
 ]
 
 
@@ -451,3 +456,96 @@ def test_parse_duration_refuses_a_non_duration_with_value_error_only(text: str) 
 def test_parse_duration_refuses_a_duration_too_large_to_use(text: str) -> None:
     with pytest.raises(ValueError, match=text[:4]):
         parse_duration(text)
+
+
+def test_max_lag_zero_turns_the_lag_check_off_and_the_bounds_are_named() -> None:
+    c = load_config(None, environ={"DISPATCHER_HTTP_MAX_LAG": "0s"})
+    assert c.http.max_lag == 0
+    with pytest.raises(ConfigError, match=r'\[http\] max_lag: must be at least 1s, or "0s"'):
+        load_config(None, environ={"DISPATCHER_HTTP_MAX_LAG": "0.5s"})
+    with pytest.raises(ConfigError, match=r"\[log\] summary_interval: must be between 10ms and 1h"):
+        load_config(None, environ={"DISPATCHER_LOG_SUMMARY_INTERVAL": "0s"})
+
+
+# Arbitrary input -------------------------------------------------------------------------------
+
+_KNOWN_KEYS = sorted({(s, f.name) for s in SECTIONS for f in fields(getattr(Config(), s))})
+_SCALARS = (
+    st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=30)
+    | st.sampled_from(["5s", "0s", "1h", "-1s", "250ms", "", "json", "true", "1e9d", "."])
+)
+_TOML_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=6,
+)
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for a value (strings via JSON escapes, which TOML shares)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return (
+            "nan"
+            if value != value
+            else ("inf" if value > 0 else "-inf")
+            if abs(value) == float("inf")
+            else repr(value)
+        )
+    if isinstance(value, int | str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+
+
+_ENTRIES = st.one_of(
+    st.sampled_from(_KNOWN_KEYS),
+    st.tuples(st.sampled_from(sorted(SECTIONS)), st.text(max_size=10)),
+    st.tuples(st.text(max_size=10), st.text(max_size=10)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    entries=st.lists(st.tuples(_ENTRIES, _TOML_VALUES), max_size=6),
+    env=st.lists(st.tuples(st.sampled_from(_KNOWN_KEYS), st.text(max_size=20)), max_size=3),
+    garbage=st.one_of(st.just(b""), st.text(max_size=40).map(str.encode), st.binary(max_size=8)),
+)
+def test_any_toml_or_environment_gives_a_config_or_a_config_error_and_nothing_else(
+    tmp_path_factory: pytest.TempPathFactory,
+    entries: list[tuple[tuple[str, str], Any]],
+    env: list[tuple[tuple[str, str], str]],
+    garbage: bytes,
+) -> None:
+    tables: dict[str, dict[str, Any]] = {}
+    for (section, key), value in entries:
+        tables.setdefault(section, {})[key] = value
+    text = "".join(
+        f"[{json.dumps(section)}]\n"
+        + "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in keys.items())
+        for section, keys in tables.items()
+    )
+    path = tmp_path_factory.mktemp("fuzz") / "dispatcher.toml"
+    path.write_bytes(text.encode() + garbage)
+    environ = {
+        f"DISPATCHER_{section.upper()}_{key.upper()}": value.replace("\x00", "")
+        for (section, key), value in env
+    }
+    try:
+        config = load_config(path, environ=environ)
+    except ConfigError:
+        return  # the only exception allowed
+    assert isinstance(config, Config)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "dispatcher.toml"
+    path.write_bytes(b'[log]\nlevel = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_config(path, environ={})
+    assert str(path) in str(info.value)

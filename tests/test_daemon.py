@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import standardwebhooks
 import stripe
+import structlog
 
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
@@ -66,3 +67,25 @@ async def test_every_signing_profile_arrives_verifiable_by_the_receivers_own_rec
         assert req.headers["X-Glow-Hmac-Sha256"] == digest
     for req in cg_r.requests:
         assert req.headers["X-CG-SIGNATURE"] == hmac.new(key, req.body, hashlib.sha1).hexdigest()
+
+
+async def test_a_statement_the_database_refuses_is_an_error_line_and_the_daemon_resumes_after_a_fix(
+    db: Db, receiver: Receiver, daemon_factory: Callable[..., Awaitable[RunningDaemon]]
+) -> None:
+    await db.add_endpoint(receiver.url)
+    with structlog.testing.capture_logs() as logged:
+        await daemon_factory()
+        # A broken schema (say, a half-applied manual change): fan-out's function is missing.
+        await db.conn.execute("ALTER FUNCTION event_matches(text[], text) RENAME TO gone")
+        ids = await db.insert_events(3)
+        await wait_until(
+            lambda: any(e["event"] == "database_statement_failed" for e in logged),
+            message="the refused statement logged",
+        )
+        await db.conn.execute("ALTER FUNCTION gone(text[], text) RENAME TO event_matches")
+        await wait_until(lambda: len(receiver.requests) == 3, message="deliveries after the fix")
+    assert sorted(receiver.event_ids()) == sorted(ids)
+    refused = next(e for e in logged if e["event"] == "database_statement_failed")
+    assert refused["log_level"] == "error"
+    assert refused["sqlstate"] == "42883"  # undefined function
+    assert not any(e["event"] == "database_unavailable" for e in logged)

@@ -424,8 +424,8 @@ async def test_status_json_counts_match_the_tables(
     await db.conn.execute(
         "INSERT INTO attempts (delivery_id, event_id, endpoint_id, attempt, attempted_at,"
         " duration_ms, decision)"
-        " SELECT 1, 'evt', 1, 1, now() - make_interval(secs => s), 5, d"
-        " FROM unnest($1::text[], $2::float8[]) AS x (d, s)",
+        " SELECT 1, 'evt', 1, n::int, now() - make_interval(secs => s), 5, d"
+        " FROM unnest($1::text[], $2::float8[]) WITH ORDINALITY AS x (d, s, n)",
         ["succeeded", "succeeded", "succeeded", "failed", "retry", "retry", "succeeded"],
         [1, 10, 50, 20, 30, 40, 120],
     )

@@ -245,10 +245,10 @@ async def test_two_processes_recording_a_success_at_once_report_the_recovery_onc
     try:
         async with db.conn.transaction():
             first = await db.conn.fetchrow(
-                Q["record_results"], *no_deliveries, [eid], [True], [0], now
+                Q["record_results"], *no_deliveries, [eid], [True], [0], now, False
             )
             second = asyncio.create_task(
-                other.fetchrow(Q["record_results"], *no_deliveries, [eid], [True], [1], now)
+                other.fetchrow(Q["record_results"], *no_deliveries, [eid], [True], [1], now, False)
             )
 
             async def second_waits_for_the_row_lock() -> bool:

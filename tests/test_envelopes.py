@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -13,7 +14,7 @@ import asyncpg
 import pytest
 import standardwebhooks
 from aiohttp import web
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.db import migrations
@@ -264,3 +265,38 @@ async def test_a_running_daemon_switches_an_endpoint_to_data_only_bodies_when_it
     assert data_only.body == b'{"amount":1,"customer_id":"cust_1"}'
     verified = standardwebhooks.Webhook(secret).verify(data_only.body, data_only.headers)
     assert verified == {"customer_id": "cust_1", "amount": 1}
+
+
+# Compact and exact -----------------------------------------------------------------------------
+
+# What jsonb holds that plain floats do not: integers of any size, nesting of any depth.
+BIG_INTS = st.integers(min_value=-(10**40), max_value=10**40)
+EXACT_JSON = st.recursive(
+    st.none() | st.booleans() | BIG_INTS | TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
+    max_leaves=12,
+)
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def outside_strings(body: bytes) -> str:
+    return _STRINGS.sub("", body.decode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(EXACT_JSON, st.integers(min_value=0, max_value=3000), st.booleans())
+def test_every_body_is_compact_json_carrying_the_payload_exactly(
+    payload: Any, depth: int, data_only: bool
+) -> None:
+    # PostgreSQL's text for jsonb spaces after ':' and ',', as json.dumps does by default.
+    nested = "[" * depth + json.dumps(payload) + "]" * depth
+    shape = EnvelopeShape(data_only=True) if data_only else None
+    moment = datetime(2026, 11, 23, 10, tzinfo=UTC)
+    body = render_body("evt_1", "points.earned", "shop", moment, nested, shape)
+    assert not re.search(r"\s", outside_strings(body)), body[:200]
+    data = body if data_only else body[body.index(b'"data":') + 7 : -1]
+    text = data.decode()
+    assert text[:depth] == "[" * depth
+    assert text[len(text) - depth :] == "]" * depth
+    # Deeper than Python's json parses, so compared inside the brackets.
+    assert json.loads(text[depth : len(text) - depth]) == payload

@@ -205,7 +205,7 @@ async def test_the_outbox_refuses_a_payload_over_1mb_even_when_it_compresses_wel
     big = json.dumps({"blob": "a" * (2 * 1024 * 1024)})
     with pytest.raises(asyncpg.CheckViolationError) as info:
         await insert_event(db, payload=big)
-    assert info.value.constraint_name == "outbox_payload_max_1mb"
+    assert info.value.constraint_name == "outbox_payload_max_1048576_bytes"
 
 
 async def test_the_outbox_refuses_a_repeated_event_id_naming_the_constraint(db: Db) -> None:

@@ -15,6 +15,8 @@ import stripe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dispatcher.endpoints import Endpoint
+from dispatcher.secretbox import SecretBox
 from dispatcher.signing import (
     PROFILES,
     SigningError,
@@ -448,3 +450,43 @@ def test_property_stripe_signature_verifies_with_stripe_for_every_secret(
     ]
     for key in keys:
         assert stripe.WebhookSignature.verify_header(body, header, key)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    kind=st.sampled_from(["github", "shopify"]),
+    body=st.binary(max_size=2048),
+    keys=st.lists(plain_secrets, min_size=1, max_size=3),
+)
+def test_property_single_signature_profiles_verify_with_receiver_recipe_for_the_newest_secret(
+    kind: str, body: bytes, keys: list[str]
+) -> None:
+    headers = sign(SigningProfile(kind), keys, "evt_prop", now(), body)
+    if kind == "github":
+        assert headers == {"X-Hub-Signature-256": "sha256=" + hmac_recipe(keys[0], body)}
+    else:
+        assert headers == {"X-Shopify-Hmac-Sha256": hmac_recipe(keys[0], body, encoding="base64")}
+
+
+@settings(max_examples=50, deadline=None)
+@given(body=utf8_bodies, key=standard_secrets, stripe_key=plain_secrets)
+def test_property_secrets_stored_encrypted_sign_as_their_plaintext(
+    body: bytes, key: str, stripe_key: str
+) -> None:
+    box = SecretBox(bytes(range(32)))
+    for profile, secret in (("standard", key), ("stripe", stripe_key)):
+        row = {
+            "id": 1, "tenant": "t", "url": "https://example.com/h", "profile": profile,
+            "signature_header": None, "algorithm": "sha256", "encoding": "hex",
+            "signed": "body", "prefix": "", "timestamp_header": None,
+            "secret": box.seal(secret), "old_secret": None, "old_secret_expires_at": None,
+            "headers": {}, "ordered": False, "max_in_flight": None, "timeout_ms": None,
+            "enabled": True, "version": 1, "envelope": None, "envelope_fields": None,
+        }  # fmt: skip
+        headers = Endpoint.from_row(row, box).request_headers(
+            "evt_1", "points.earned", 1, body, datetime.now(UTC)
+        )
+        if profile == "standard":
+            standardwebhooks.Webhook(secret).verify(body, headers, json_parse=False)
+        else:
+            assert stripe.WebhookSignature.verify_header(body, headers["Stripe-Signature"], secret)
