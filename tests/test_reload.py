@@ -19,6 +19,7 @@ from aiohttp import web
 from dispatcher.config import Config, load_config
 from dispatcher.daemon import Dispatcher
 from tests.conftest import Db, Receiver, RunningDaemon, make_config, wait_until
+from tests.test_endpoint_health import captured_logs
 from tests.test_lifecycle import daemon_env
 
 Factory = Callable[..., Awaitable[Receiver]]
@@ -308,3 +309,27 @@ async def test_sighup_to_the_daemon_process_reloads_its_config_file(db: Db, tmp_
         proc.send_signal(signal.SIGTERM)
         await next_event("dispatcher_stopped")
         assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_the_summary_interval_and_max_lag_apply_at_a_reload(
+    db: Db, reloadable_daemon: Any
+) -> None:
+    config = make_config(db.config.database.dsn, db.schema)
+    daemon, source = await reloadable_daemon(config)
+    d: Dispatcher = daemon.dispatcher
+    source.config = replace(
+        config,
+        http=replace(config.http, max_lag=1.0),
+        log=replace(config.log, summary_interval=0.05),
+    )
+    with structlog.testing.capture_logs() as logged:
+        assert d.reload_config()
+    assert not [e for e in logged if e["event"] == "config_reload_partial"]
+    assert d.config.http.max_lag == 1.0
+    assert d.sampler.interval == 0.05
+    # The shorter interval takes effect at once, not after the old 15s: lines follow quickly.
+    with captured_logs() as lines:
+        await wait_until(
+            lambda: sum(e["event"] == "dispatcher_summary" for e in lines) >= 3,
+            message="summaries every 50ms",
+        )

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from dispatcher import cli
-from dispatcher.config import ConfigError, load_config
+from dispatcher.config import Config, ConfigError, load_config
 from dispatcher.daemon import Dispatcher
 from dispatcher.db import DatabaseError, connect, connect_kwargs, migrate
 from dispatcher.listener import Listener
@@ -161,6 +161,47 @@ async def test_ready_only_once_schema_checked_and_listener_connected_then_watchd
     assert not any("READY" in f for _, f in notify_socket.messages[1:])
 
 
+def reload_messages(messages: list[dict[str, str]]) -> list[str]:
+    """RELOADING and READY messages in order, as "RELOADING" / "READY"."""
+    return [k for f in messages for k in ("RELOADING", "READY") if f.get(k) == "1"]
+
+
+async def test_a_reload_says_reloading_with_the_monotonic_time_then_ready_even_when_refused(
+    db: Db, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.address)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    configs: list[Config] = []
+
+    def source() -> Config:
+        if not configs:
+            raise ConfigError(
+                "dispatcher.toml: [delivery] concurrency: must be between 1 and 10000"
+            )
+        return configs.pop()
+
+    dispatcher = Dispatcher(db.config, reload=source)
+    # Before READY=1 a reload says nothing: systemd would take its READY=1 for the first one.
+    dispatcher.reload_config()
+    assert notify_socket.drain() == []
+    daemon = await RunningDaemon(dispatcher).ready()
+    try:
+        await wait_until(lambda: notify_socket.received("READY"), message="READY=1")
+        notify_socket.drain()
+        for taken in (False, True):
+            if taken:
+                configs.append(replace(db.config, log=replace(db.config.log, summary_interval=2.0)))
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert dispatcher.reload_config() is taken
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            sent = notify_socket.drain()
+            assert reload_messages(sent) == ["RELOADING", "READY"], sent
+            assert before <= int(sent[0]["MONOTONIC_USEC"]) <= after
+        assert dispatcher.sampler.interval == 2.0
+    finally:
+        await daemon.stop()
+
+
 async def test_without_notify_socket_the_daemon_sends_nothing_and_runs(
     db: Db, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -204,6 +245,19 @@ async def test_dispatcher_run_subprocess_sends_ready_and_stopping_on_sigterm(
         await wait_until(
             lambda: len(abstract_notify_socket.received("WATCHDOG")) >= 2, message="pings"
         )
+        # SIGHUP (systemctl reload): RELOADING=1 stamped with CLOCK_MONOTONIC, then READY=1.
+        abstract_notify_socket.drain()
+        start = len(abstract_notify_socket.messages)
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: len(abstract_notify_socket.received("READY")) >= 2, message="READY=1 again"
+        )
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sent = [f for _, f in abstract_notify_socket.messages[start:]]
+        assert reload_messages(sent) == ["RELOADING", "READY"], sent
+        reloading = next(f for f in sent if f.get("RELOADING") == "1")
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= after
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
