@@ -230,6 +230,56 @@ async def test_a_public_name_resolving_to_loopback_is_blocked_on_every_attempt(
         await daemon.stop()
 
 
+class FlakyResolver(PinnedResolver):
+    """DNS that fails (name not known) while `down`, then answers `address`."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.down = True
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self.down:
+            self.asked.append(host)
+            raise OSError(socket.EAI_NONAME, f"{host}: Name or service not known")
+        return await super().resolve(host, port, family)
+
+
+async def test_dns_that_fails_is_a_retried_dns_error_and_delivery_resumes_when_it_answers(
+    db: Db, receiver: Receiver
+) -> None:
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    await db.add_endpoint(f"http://hooks.merchant.example:{port}/hook")
+    healthy, _ = await db.add_endpoint(receiver.url.replace("/hook", "/other"))
+    resolver = FlakyResolver("127.0.0.1")
+    slow = replace(db.config, retry=replace(db.config.retry, schedule=(0.0,) + (0.2,) * 50))
+    daemon = await RunningDaemon(Dispatcher(slow, resolver=resolver)).ready()
+    try:
+        await db.insert_events(2)
+
+        async def lookups_failed() -> bool:
+            return await db.count("SELECT count(*) FROM attempts WHERE error = 'dns_error'") >= 4
+
+        await wait_until(lookups_failed, message="failed lookups recorded")
+        # The other endpoint (an address, no lookup) was served all along.
+        assert [r.path for r in receiver.requests] == ["/other", "/other"]
+        resolver.down = False
+
+        async def all_delivered() -> bool:
+            return await db.count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'") == 4
+
+        await wait_until(all_delivered, message="delivered once the name resolves")
+    finally:
+        await daemon.stop()
+    rows = await db.conn.fetch(
+        "SELECT error, error_detail, decision FROM attempts WHERE endpoint_id <> $1", healthy
+    )
+    failed = [r for r in rows if r["error"] == "dns_error"]
+    assert {r["decision"] for r in failed} == {"retry"}
+    assert all("hooks.merchant.example" in r["error_detail"] for r in failed)
+
+
 async def test_plain_http_written_in_sql_is_refused_at_send_time_unless_allowed(
     db: Db, receiver: Receiver
 ) -> None:
