@@ -111,6 +111,9 @@ class Claimed:
 
     jobs: list[Job]
     caps: Mapping[int, int]
+    # Due rows passed over because something is ahead of them in their ordering key: they
+    # filled part of the window scanned, so due work may lie just beyond it.
+    held_back: int = 0
 
 
 async def claim(conn: Executor, slots: Slots, lease: float) -> Claimed:
@@ -128,7 +131,8 @@ async def claim(conn: Executor, slots: Slots, lease: float) -> Claimed:
         KEY_RECHECK_MAX,
     )
     jobs = [_job(r, r["attempt_base"]) for r in rows if r["status"] == "delivering"]
-    return Claimed(jobs, {r["endpoint_id"]: r["endpoint_cap"] for r in rows})
+    caps = {r["endpoint_id"]: r["endpoint_cap"] for r in rows if r["id"] is not None}
+    return Claimed(jobs, caps, rows[0]["held_back"] if rows else 0)
 
 
 def _job(r: Any, attempt_base: int = 0) -> Job:

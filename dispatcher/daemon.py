@@ -373,7 +373,7 @@ class Dispatcher:
             self._last_claim = now
             claimed = await claiming.claim(conn, slots, d.lease)
             jobs = claimed.jobs
-            more = self._queue_dirty = len(jobs) >= slots.free
+            more = self._queue_dirty = len(jobs) >= slots.free or claimed.held_back > 0
             if not more:
                 self._forget_drained(slots, claimed)
             left = slots.after(claimed)

@@ -143,18 +143,25 @@ WITH candidates AS MATERIALIZED (
     FROM candidates c
     WHERE d.id = c.id AND NOT c.key_free AND d.status = 'pending'
       AND d.id NOT IN (SELECT id FROM chosen)
+    RETURNING d.id
+), claimed AS (
+    UPDATE deliveries d
+    SET status = CASE WHEN e.enabled THEN 'delivering' ELSE 'paused' END,
+        attempts = CASE WHEN e.enabled THEN d.attempts + 1 ELSE d.attempts END,
+        next_attempt_at = CASE WHEN e.enabled THEN now() + make_interval(secs => $6)
+                               ELSE d.next_attempt_at END,
+        last_attempt_at = CASE WHEN e.enabled THEN now() ELSE d.last_attempt_at END
+    FROM chosen c, endpoints e, outbox o
+    WHERE d.id = c.id AND e.id = d.endpoint_id AND o.seq = d.event_seq
+    RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_version,
+              coalesce(e.max_in_flight, $5) AS endpoint_cap, o.event_id, o.tenant, o.event_type,
+              o.payload::text AS payload, o.occurred_at, o.ordering_key, d.attempt_base
 )
-UPDATE deliveries d
-SET status = CASE WHEN e.enabled THEN 'delivering' ELSE 'paused' END,
-    attempts = CASE WHEN e.enabled THEN d.attempts + 1 ELSE d.attempts END,
-    next_attempt_at = CASE WHEN e.enabled THEN now() + make_interval(secs => $6)
-                           ELSE d.next_attempt_at END,
-    last_attempt_at = CASE WHEN e.enabled THEN now() ELSE d.last_attempt_at END
-FROM chosen c, endpoints e, outbox o
-WHERE d.id = c.id AND e.id = d.endpoint_id AND o.seq = d.event_seq
-RETURNING d.id, d.attempts, d.status, d.endpoint_id, e.version AS endpoint_version,
-          coalesce(e.max_in_flight, $5) AS endpoint_cap, o.event_id, o.tenant, o.event_type,
-          o.payload::text AS payload, o.occurred_at, o.ordering_key, d.attempt_base;
+-- Always one row at least: how many were held back (they took room in the scanned window,
+-- so the caller looks again at once), beside each claimed row if any.
+SELECT c.*, h.held_back
+FROM (SELECT count(*) AS held_back FROM held_back) AS h
+LEFT JOIN claimed c ON true;
 
 -- name: record_results
 -- Write back a batch of finished attempts in one statement (one round trip, one commit):
