@@ -144,11 +144,34 @@ class ResultWriter:
         async with self._lock:
             while self._buffer:
                 batch = self._buffer[: self._batch_size]
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except asyncpg.DataError:
+                    # Something in the batch cannot be stored. Retrying it whole would stall
+                    # every result behind it for good, so write them one by one instead.
+                    await self._write_each(batch)
                 del self._buffer[: len(batch)]
                 self.recorded += len(batch)
             self._has_items.clear()
             self._full.clear()
+
+    async def _write_each(self, batch: list[Result]) -> None:
+        """Write results one at a time, giving up only on those the database refuses: their
+        deliveries stay claimed until the lease runs out and are then sent again, so the
+        attempt goes unlogged but nothing is lost."""
+        for r in batch:
+            try:
+                await self._write([r])
+            except asyncpg.DataError as exc:
+                log.error(
+                    "result_not_recordable",
+                    delivery_id=r.job.delivery_id,
+                    event_id=r.job.event_id,
+                    endpoint_id=r.job.endpoint_id,
+                    attempt=r.job.attempt,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                )
 
     async def _write(self, batch: list[Result]) -> None:
         now = self._clock.now()

@@ -204,8 +204,13 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _text(value: str | None) -> str | None:
-    """Receiver-chosen text as PostgreSQL can store it: text columns refuse NUL."""
-    return None if value is None else value.replace("\x00", "\ufffd")
+    """Receiver-chosen text as PostgreSQL can store it: text columns refuse NUL, and UTF-8
+    has no lone surrogates (aiohttp decodes header bytes that are not UTF-8 into them)."""
+    if value is None:
+        return None
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "\ufffd")
 
 
 def _first_line(exc: BaseException | str | None) -> str:

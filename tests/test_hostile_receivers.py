@@ -127,6 +127,14 @@ async def huge_header_line(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.close()
 
 
+async def redirect_to_bad_bytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # A Location that is not UTF-8: its text reaches the attempt log.
+    writer.write(b"HTTP/1.1 301 Moved\r\nLocation: http://x.example/\xff\xfe\r\n")
+    writer.write(b"Content-Length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
 @dataclass
 class BigBody:
     """Answers 200 with a 50 MB body and records how much of it it managed to send."""
@@ -248,6 +256,7 @@ async def test_hostile_receivers_each_fail_one_attempt_cleanly_beside_a_healthy_
         "http_301": (
             await receiver_factory(answer(301, headers={"Location": redirect_target.url}))
         ).url,
+        "redirect_to_bad_bytes": await raw.start(redirect_to_bad_bytes),
         "refused": f"http://127.0.0.1:{refused_port}/hook",
         "tls_self_signed": tls_url,
     }
@@ -267,6 +276,7 @@ async def test_hostile_receivers_each_fail_one_attempt_cleanly_beside_a_healthy_
         "http_429": Expect("http_error", 429, "retry", "HTTP 429"),
         "http_410": Expect("http_error", 410, "paused", "HTTP 410"),
         "http_301": Expect("redirect", 301, "retry", f"HTTP 301 to {redirect_target.url}"),
+        "redirect_to_bad_bytes": Expect("redirect", 301, "retry", "HTTP 301 to http://x.example/"),
         "refused": Expect("connect_error", None, "retry", "Connect call failed"),
         "tls_self_signed": Expect("tls_error", None, "retry", "certificate verify failed"),
     }
