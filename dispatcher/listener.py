@@ -13,6 +13,12 @@ from collections.abc import Callable
 
 import asyncpg
 import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_random_exponential,
+)
 
 from .config import DatabaseConfig
 from .db import connect_kwargs
@@ -45,38 +51,67 @@ class Listener:
         # Connections re-established after the first (failed attempts are not counted).
         self.reconnects = 0
         self._listened_before = False
-        self._listening = False
 
     async def run(self) -> None:
-        """Run until cancelled. The backoff starts over after every connection that got as far
-        as LISTEN, so a drop after hours of service is retried at once, not after the longest
-        delay an earlier outage reached."""
-        failures = 0
+        """Run until cancelled. Connecting is retried with a growing random delay; the
+        schedule starts over after every connection that got as far as LISTEN, so a drop after
+        hours of service is retried at once, not after the longest delay an earlier outage
+        reached."""
         while True:
-            self._listening = False
+            # Iterating starts the schedule afresh.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_RECONNECTABLE),
+                wait=wait_random_exponential(multiplier=BACKOFF_FIRST, max=BACKOFF_MAX),
+                before_sleep=self._before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    conn = await self._connect()
             try:
-                await self._listen_once()
+                await self._serve(conn)
             except _RECONNECTABLE as exc:
-                failures = 1 if self._listening else failures + 1
-                delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
-                log.warning(
-                    "listener_disconnected",
-                    channel=self.channel,
-                    error=type(exc).__name__,
-                    detail=str(exc)[:200],
-                    failures=failures,
-                    retry_in_s=round(delay, 2),
-                )
+                # Lost after it served: the first, short delay (random, so replicas cut off
+                # together do not all come back in the same instant), then a fresh schedule.
+                delay = random.uniform(0, BACKOFF_FIRST)
+                self._log_disconnected(exc, failures=1, retry_in_s=delay)
                 await asyncio.sleep(delay)
 
-    async def _listen_once(self) -> None:
-        lost = asyncio.Event()
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        self._log_disconnected(exc, failures=state.attempt_number, retry_in_s=delay)
+
+    def _log_disconnected(
+        self, exc: BaseException | None, *, failures: int, retry_in_s: float
+    ) -> None:
+        log.warning(
+            "listener_disconnected",
+            channel=self.channel,
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+            failures=failures,
+            retry_in_s=round(retry_in_s, 2),
+        )
+
+    async def _connect(self) -> asyncpg.Connection:
+        """A connection LISTENing on the channel."""
         # The LISTEN too must not wait forever on a connection that went silent.
-        conn = await asyncpg.connect(**connect_kwargs(self._config), command_timeout=PROBE_TIMEOUT)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            **connect_kwargs(self._config), command_timeout=PROBE_TIMEOUT
+        )
+        try:
+            await conn.add_listener(self.channel, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _serve(self, conn: asyncpg.Connection) -> None:
+        """Hear notifications on `conn` until it is lost (raised as a reconnectable error)."""
+        lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _c: lost.set())
-            await conn.add_listener(self.channel, self._on_notify)
-            self.connected = self._listening = True
+            self.connected = True
             if self._listened_before:
                 self.reconnects += 1
                 if self._on_reconnect:

@@ -126,13 +126,13 @@ async def test_ready_only_once_schema_checked_and_listener_connected_then_watchd
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     # Hold the listener's first connection back until the test lets it through.
     gate = asyncio.Event()
-    listen_once = Listener._listen_once
+    connect = Listener._connect
 
-    async def gated(self: Listener) -> None:
+    async def gated(self: Listener) -> asyncpg.Connection:
         await gate.wait()
-        await listen_once(self)
+        return await connect(self)
 
-    monkeypatch.setattr(Listener, "_listen_once", gated)
+    monkeypatch.setattr(Listener, "_connect", gated)
     daemon = await RunningDaemon(Dispatcher(db.config)).ready()
     try:
         # The schema is checked and the pump is running, but the listener is not connected.
