@@ -82,7 +82,11 @@ async def test_a_terminated_listener_is_back_at_once_every_time_and_misses_no_ev
             pid = await listener_pid(db.conn, db.schema)
             assert pid is not None, "no LISTEN connection"
             assert await db.conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-            await wait_until(lambda: not listener.connected, message="listener down")
+            # The listener noticed (it may be back already: it reconnects within 0.2 s).
+            await wait_until(
+                lambda n=cut: sum(e["event"] == "listener_disconnected" for e in logged) == n,
+                message="listener down",
+            )
             await db.insert_events(25)
             expected += 25
             started = time.monotonic()
