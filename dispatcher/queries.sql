@@ -379,13 +379,9 @@ SELECT d.id, d.event_id, o.event_type, o.tenant, d.endpoint_id, d.status, d.atte
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
        d.last_attempt_at, d.last_status_code, d.last_error, d.created_at, d.completed_at,
        d.replayed_at, d.ordering_key, d.key_blocked,
-       (SELECT h.id FROM deliveries h
-        WHERE d.ordering_key IS NOT NULL AND d.status IN ('pending', 'paused')
-          AND h.endpoint_id = d.endpoint_id AND h.ordering_key = d.ordering_key
-          AND h.event_seq < d.event_seq
-          AND (h.status IN ('pending', 'delivering', 'paused') OR h.key_blocked)
-        ORDER BY h.event_seq
-        LIMIT 1) AS waiting_behind
+       CASE WHEN d.ordering_key IS NOT NULL AND d.status IN ('pending', 'paused')
+            THEN key_waits_behind(d.endpoint_id, d.ordering_key, d.event_seq)
+       END AS waiting_behind
 FROM deliveries d
 LEFT JOIN outbox o ON o.seq = d.event_seq
 WHERE ($1::bigint[] IS NULL OR d.id = ANY ($1))
@@ -474,13 +470,9 @@ SELECT d.id, d.event_id, o.event_type, o.tenant, o.occurred_at, o.ordering_key,
        e.enabled AS endpoint_enabled, d.status, d.attempts, d.attempt_base, d.next_attempt_at,
        d.last_attempt_at, d.last_status_code, d.last_error, d.created_at, d.completed_at,
        d.replayed_at, d.ordering_key IS NOT NULL AS ordered, d.key_blocked,
-       (SELECT h.id FROM deliveries h
-        WHERE d.ordering_key IS NOT NULL AND d.status IN ('pending', 'paused')
-          AND h.endpoint_id = d.endpoint_id AND h.ordering_key = d.ordering_key
-          AND h.event_seq < d.event_seq
-          AND (h.status IN ('pending', 'delivering', 'paused') OR h.key_blocked)
-        ORDER BY h.event_seq
-        LIMIT 1) AS waiting_behind
+       CASE WHEN d.ordering_key IS NOT NULL AND d.status IN ('pending', 'paused')
+            THEN key_waits_behind(d.endpoint_id, d.ordering_key, d.event_seq)
+       END AS waiting_behind
 FROM deliveries d
 JOIN endpoints e ON e.id = d.endpoint_id
 LEFT JOIN outbox o ON o.seq = d.event_seq

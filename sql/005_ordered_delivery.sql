@@ -17,3 +17,18 @@ ALTER TABLE deliveries
 CREATE INDEX IF NOT EXISTS deliveries_key_queue ON deliveries (endpoint_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL
       AND (status IN ('pending', 'delivering', 'paused') OR key_blocked);
+
+-- The delivery a keyed one waits behind: the first of its key's queue ahead of it (NULL when
+-- it is the head), for the delivery log. The claim paths spell the same rule out inline, so
+-- the planner sees their index probe.
+CREATE OR REPLACE FUNCTION key_waits_behind(endpoint bigint, key text, seq bigint) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $$
+    SELECT h.id
+    FROM deliveries h
+    WHERE h.endpoint_id = endpoint AND h.ordering_key = key AND h.event_seq < seq
+      AND (h.status IN ('pending', 'delivering', 'paused') OR h.key_blocked)
+    ORDER BY h.event_seq
+    LIMIT 1
+$$;
