@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import cast
 
 import asyncpg
 import orjson
@@ -36,6 +35,7 @@ from bench.harness import (
     fresh_schema,
     start_daemon,
 )
+from bench.receiver import RequestProtocol
 from dispatcher.signing import generate_secret
 
 MANY_KEYS = 10_000
@@ -209,7 +209,9 @@ class KeyReceiver:
     async def start(self) -> None:
         """Listen on a free port of 127.0.0.1."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _KeyProtocol(self), HOST, 0, backlog=4096)
+        self._server = await loop.create_server(
+            lambda: RequestProtocol(self.answer), HOST, 0, backlog=4096
+        )
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://{HOST}:{port}/hook"
 
@@ -243,60 +245,6 @@ _ERROR = (
     b"HTTP/1.1 500 Internal Server Error\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 4\r\n\r\nfail"
 )
-_MAX_HEAD = 64 * 1024
-
-
-class _KeyProtocol(asyncio.Protocol):
-    def __init__(self, owner: KeyReceiver) -> None:
-        self._owner = owner
-        self._buf = bytearray()
-        self._body_at = -1
-        self._end = -1
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        transport = self._transport
-        assert transport is not None
-        while True:
-            if self._end < 0:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end < 0:
-                    if len(buf) > _MAX_HEAD:
-                        transport.close()
-                    return
-                length = _body_length(bytes(buf[:head_end]).lower())
-                if length is None:
-                    transport.close()
-                    return
-                self._body_at = head_end + 4
-                self._end = self._body_at + length
-            if len(buf) < self._end:
-                return
-            body = bytes(buf[self._body_at : self._end])
-            del buf[: self._end]
-            self._end = -1
-            transport.write(self._owner.answer(body))
-
-
-def _body_length(head: bytes) -> int | None:
-    """Content-Length of a lower-cased request head; None for chunked or malformed."""
-    if b"\r\ntransfer-encoding:" in head:
-        return None
-    name = b"\r\ncontent-length:"
-    at = head.find(name)
-    if at < 0:
-        return 0
-    start = at + len(name)
-    end = head.find(b"\r\n", start)
-    try:
-        return int(head[start:] if end < 0 else head[start:end])
-    except ValueError:
-        return None
 
 
 async def run_ordered(ctx: Context, events: int) -> OrderedResult:

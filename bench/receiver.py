@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -190,12 +191,15 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log_path: Path) ->
 # The fallback server --------------------------------------------------------------------------
 
 
-class _Http(asyncio.Protocol):
-    """Minimal HTTP/1.1 keep-alive server: reads each request's body, answers 200 "ok"."""
+class RequestProtocol(asyncio.Protocol):
+    """Minimal HTTP/1.1 keep-alive server side: frames each request by its Content-Length and
+    writes what `answer` makes of its body (the whole response, as bytes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
+        self._answer = answer
         self._buf = bytearray()
-        self._need = -1
+        self._body_at = -1
+        self._end = -1
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -208,22 +212,28 @@ class _Http(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         while True:
-            if self._need < 0:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
+            if self._end < 0:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end < 0:
                     if len(buf) > _MAX_HEAD:
                         transport.close()
                     return
-                length = _content_length(bytes(buf[:end]).lower())
+                length = _content_length(bytes(buf[:head_end]).lower())
                 if length is None:
                     transport.close()  # chunked or malformed: not something we are sent
                     return
-                self._need = end + 4 + length
-            if len(buf) < self._need:
+                self._body_at = head_end + 4
+                self._end = self._body_at + length
+            if len(buf) < self._end:
                 return
-            del buf[: self._need]
-            self._need = -1
-            transport.write(_RESPONSE)
+            body = bytes(buf[self._body_at : self._end])
+            del buf[: self._end]
+            self._end = -1
+            transport.write(self._answer(body))
+
+
+def _ok(body: bytes) -> bytes:
+    return _RESPONSE
 
 
 def _content_length(head: bytes) -> int | None:
@@ -247,7 +257,7 @@ async def _serve(sock: socket.socket, parent: int, max_seconds: float) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await loop.create_server(_Http, sock=sock, backlog=4096)
+    server = await loop.create_server(lambda: RequestProtocol(_ok), sock=sock, backlog=4096)
     deadline = time.monotonic() + max_seconds
     # Bounded: stop on a signal, when orphaned, or after max_seconds, whichever comes first.
     while not stop.is_set() and os.getppid() == parent and time.monotonic() < deadline:
