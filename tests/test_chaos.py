@@ -25,6 +25,7 @@ from aiohttp import web
 from dispatcher.db import connect_kwargs, migrate
 from dispatcher.pgcluster import EphemeralPostgres
 from tests.conftest import Receiver, make_config, wait_until
+from tests.test_lifecycle import subprocess_env
 
 Factory = Callable[..., Awaitable[Receiver]]
 
@@ -113,25 +114,15 @@ async def produce(watcher: Watcher) -> list[str]:
 
 
 def daemon_env(dsn: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DISPATCHER_DATABASE_DSN=dsn,
-        DISPATCHER_DATABASE_SCHEMA=SCHEMA,
-        DISPATCHER_SECURITY_ALLOW_HTTP="true",
-        DISPATCHER_SECURITY_ALLOW_PRIVATE_NETWORKS="true",
+    return subprocess_env(
+        dsn,
+        SCHEMA,
         DISPATCHER_DELIVERY_CONCURRENCY=str(CONCURRENCY),
         DISPATCHER_DELIVERY_PER_ENDPOINT_CONCURRENCY="8",
-        DISPATCHER_DELIVERY_POLL_INTERVAL="50ms",
-        DISPATCHER_DELIVERY_TIMEOUT="1s",
-        DISPATCHER_DELIVERY_LEASE="2s",
         # Ten tries: a 10% failure rate fails a delivery for good once in 10^10.
         DISPATCHER_RETRY_SCHEDULE="0s,20ms,50ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
-        DISPATCHER_RETRY_JITTER="0",
-        DISPATCHER_HTTP_LISTEN="",
         DISPATCHER_LOG_FORMAT="json",
-        DISPATCHER_LOG_LEVEL="warning",
     )
-    return env
 
 
 async def test_chaos_two_kills_and_a_postgres_restart_lose_nothing(

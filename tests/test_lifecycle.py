@@ -24,10 +24,15 @@ Daemons = Callable[..., Awaitable[RunningDaemon]]
 
 
 def daemon_env(db: Db, **extra: str) -> dict[str, str]:
+    return subprocess_env(db.config.database.dsn, db.schema, **extra)
+
+
+def subprocess_env(dsn: str, schema: str, **extra: str) -> dict[str, str]:
+    """The environment of a `dispatcher run` subprocess: test timings, local receivers allowed."""
     env = dict(os.environ)
     env.update(
-        DISPATCHER_DATABASE_DSN=db.config.database.dsn,
-        DISPATCHER_DATABASE_SCHEMA=db.schema,
+        DISPATCHER_DATABASE_DSN=dsn,
+        DISPATCHER_DATABASE_SCHEMA=schema,
         DISPATCHER_SECURITY_ALLOW_HTTP="true",
         DISPATCHER_SECURITY_ALLOW_PRIVATE_NETWORKS="true",
         DISPATCHER_DELIVERY_POLL_INTERVAL="50ms",
