@@ -163,9 +163,11 @@ class Dispatcher:
         self._scheduler.resize(d.concurrency, d.per_endpoint_concurrency)
         if hasattr(self, "writer"):
             self.writer.retune(
-                disable=merged.disable, batch_size=d.batch_size, flush_interval=d.flush_interval
+                disable=merged.disable,
+                batch_size=d.batch_size,
+                flush_interval=d.flush_interval,
+                ordered_after_failure=d.ordered_after_failure,
             )
-            self.writer.block_failed_keys = d.ordered_after_failure == "block"
         if hasattr(self, "sender"):
             self.sender.resize(d.concurrency)
         self.sampler.retune(merged.log.summary_interval)

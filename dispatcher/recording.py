@@ -96,11 +96,19 @@ class ResultWriter:
             asyncio.Lock()
         )  # the flusher and a shutdown drain must not write one batch twice
 
-    def retune(self, *, disable: DisableConfig, batch_size: int, flush_interval: float) -> None:
+    def retune(
+        self,
+        *,
+        disable: DisableConfig,
+        batch_size: int,
+        flush_interval: float,
+        ordered_after_failure: str,
+    ) -> None:
         """Apply reloaded settings from the next flush on."""
         self.disable = disable
         self._batch_size = batch_size
         self._flush_interval = flush_interval
+        self.block_failed_keys = ordered_after_failure == "block"
 
     def add(self, result: Result) -> None:
         self._buffer.append(result)
@@ -372,6 +380,8 @@ def _transaction(conn: Connection, atomic: bool) -> AbstractAsyncContextManager[
 
 def _log_ordered_failures(batch: list[Result], failed_ids: Sequence[int], blocked: bool) -> None:
     """Say what a delivery that failed for good did to its ordering key."""
+    if not failed_ids:
+        return  # the usual batch: no per-result work
     ids = set(failed_ids)
     for r in batch:
         job = r.job
