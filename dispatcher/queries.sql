@@ -209,15 +209,8 @@ WITH r AS (
           FROM updated u
           WHERE u.ordering_key IS NOT NULL AND u.status IN ('succeeded', 'failed')
             AND NOT u.key_blocked) AS k
-    CROSS JOIN LATERAL (
-        SELECT n.id
-        FROM deliveries n
-        WHERE n.endpoint_id = k.endpoint_id AND n.ordering_key = k.ordering_key
-          AND (n.status IN ('pending', 'delivering', 'paused') OR n.key_blocked)
-          AND n.id <> ALL ($1::bigint[])
-        ORDER BY n.event_seq
-        LIMIT 1) AS nx
-    WHERE s.id = nx.id AND s.status = 'pending' AND s.attempts = s.attempt_base
+    WHERE s.id = key_head(k.endpoint_id, k.ordering_key, $1::bigint[])
+      AND s.status = 'pending' AND s.attempts = s.attempt_base
     RETURNING s.id
 ), logged AS (
     INSERT INTO attempts (delivery_id, event_id, endpoint_id, attempt, attempted_at, duration_ms,
@@ -835,15 +828,8 @@ WITH skipped AS (
     UPDATE deliveries s
     SET next_attempt_at = now()
     FROM skipped k
-    CROSS JOIN LATERAL (
-        SELECT n.id
-        FROM deliveries n
-        WHERE n.endpoint_id = k.endpoint_id AND n.ordering_key = k.ordering_key
-          AND (n.status IN ('pending', 'delivering', 'paused') OR n.key_blocked)
-          AND n.id <> k.id
-        ORDER BY n.event_seq
-        LIMIT 1) AS nx
-    WHERE s.id = nx.id AND s.status = 'pending' AND s.attempts = s.attempt_base
+    WHERE s.id = key_head(k.endpoint_id, k.ordering_key, ARRAY[k.id])
+      AND s.status = 'pending' AND s.attempts = s.attempt_base
     RETURNING s.id
 )
 SELECT k.id, k.endpoint_id, k.ordering_key, k.event_id, (SELECT id FROM released) AS released

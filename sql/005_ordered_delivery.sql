@@ -32,3 +32,19 @@ AS $$
     ORDER BY h.event_seq
     LIMIT 1
 $$;
+
+-- The head of a key's queue on an endpoint, passing over the deliveries in `passing` (those a
+-- statement is finishing right now, which still look unfinished to it): the delivery a
+-- finished or skipped one hands its key to.
+CREATE OR REPLACE FUNCTION key_head(endpoint bigint, key text, passing bigint[]) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $$
+    SELECT h.id
+    FROM deliveries h
+    WHERE h.endpoint_id = endpoint AND h.ordering_key = key
+      AND (h.status IN ('pending', 'delivering', 'paused') OR h.key_blocked)
+      AND h.id <> ALL (passing)
+    ORDER BY h.event_seq
+    LIMIT 1
+$$;
