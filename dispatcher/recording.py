@@ -196,6 +196,9 @@ class ResultWriter:
         atomic = bool(self._ops_tenant) and any(
             not r.outcome.ok or r.job.endpoint_id in self._failing for r in batch
         )
+        # Columns a batch of successes leaves all NULL go as NULL arrays, which unnest pads
+        # with NULLs: asyncpg encodes each array element in Python, a cost per delivery.
+        retrying = any(d.status == "pending" for d in decisions)
         async with acquire(self._pool) as conn, _transaction(conn, atomic):
             row = await conn.fetchrow(
                 Q["record_results"],
@@ -203,14 +206,14 @@ class ResultWriter:
                 [j.attempt for j in jobs],
                 [d.status for d in decisions],
                 [o.status_code for o in outcomes],
-                [o.summary for o in outcomes],
-                [d.delay for d in decisions],
+                _unless_all_null([o.summary for o in outcomes]),
+                [d.delay for d in decisions] if retrying else None,
                 [j.event_id for j in jobs],
                 [j.endpoint_id for j in jobs],
                 [r.attempted_at for r in batch],
                 [o.duration_ms for o in outcomes],
-                [o.error for o in outcomes],
-                [o.detail for o in outcomes],
+                _unless_all_null([o.error for o in outcomes]),
+                _unless_all_null([o.detail for o in outcomes]),
                 [o.excerpt for o in outcomes],
                 [d.label for d in decisions],
                 list(by_endpoint),
@@ -399,6 +402,11 @@ def _log_ordered_failures(batch: list[Result], failed_ids: Sequence[int], blocke
             log.error("ordered_key_blocked", **fields)
         else:
             log.warning("ordered_key_moved_on", **fields)
+
+
+def _unless_all_null(values: list[str | None]) -> list[str | None] | None:
+    """`values`, or None when every one is None (see ResultWriter._write)."""
+    return values if any(v is not None for v in values) else None
 
 
 def _log_batch(batch: list[Result], state: dict[int, tuple[str, datetime]]) -> None:

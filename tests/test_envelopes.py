@@ -300,3 +300,13 @@ def test_every_body_is_compact_json_carrying_the_payload_exactly(
     assert text[len(text) - depth :] == "]" * depth
     # Deeper than Python's json parses, so compared inside the brackets.
     assert json.loads(text[depth : len(text) - depth]) == payload
+
+
+def test_timestamps_are_utc_to_the_second_with_a_four_digit_year() -> None:
+    assert format_timestamp(datetime(1, 2, 3, 4, 5, 6, 999_999, tzinfo=UTC)) == (
+        "0001-02-03T04:05:06Z"
+    )
+    plus_two = timezone(timedelta(hours=2))
+    assert format_timestamp(datetime(2026, 11, 23, 10, 0, 0, tzinfo=plus_two)) == (
+        "2026-11-23T08:00:00Z"
+    )

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher.config import RetryConfig
+from dispatcher.sending import Sender
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
 Factory = Callable[..., Awaitable[Receiver]]
@@ -361,3 +362,65 @@ async def test_hostile_receivers_each_fail_one_attempt_cleanly_beside_a_healthy_
 
 async def _attempt_count_reaches(db: Db, total: int) -> bool:
     return await db.count("SELECT count(*) FROM attempts") >= total
+
+
+# The sender's own deadlines ------------------------------------------------------------------
+
+
+def _sender() -> Sender:
+    return Sender(
+        concurrency=8,
+        max_response_bytes=1024,
+        excerpt_bytes=64,
+        allow_http=True,
+        allow_private_networks=True,
+    )
+
+
+async def test_requests_past_their_deadline_time_out_each_on_its_own_and_the_sender_goes_on(
+    hang_server: str,
+) -> None:
+    sender = _sender()
+    try:
+        tasks = [
+            asyncio.create_task(sender.send(hang_server, b"{}", {}, seconds))
+            for seconds in (0.2, 0.6)
+        ]
+        short, long_ = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert (short.error, short.detail) == ("timeout", "no complete response within 0.2s")
+        assert (long_.error, long_.detail) == ("timeout", "no complete response within 0.6s")
+        assert 150 <= short.duration_ms < long_.duration_ms
+        assert long_.duration_ms >= 550
+        # Nothing of the timeout is left on the tasks that sent: they are not "being cancelled".
+        assert [t.cancelling() for t in tasks] == [0, 0]
+        # The sender goes on: a later request gets its own deadline.
+        again = await sender.send(hang_server, b"{}", {}, 0.2)
+        assert again.error == "timeout"
+    finally:
+        await sender.close()
+
+
+async def test_cancelling_a_request_from_outside_still_cancels_it(hang_server: str) -> None:
+    sender = _sender()
+    try:
+        task = asyncio.create_task(sender.send(hang_server, b"{}", {}, 30))
+        await asyncio.sleep(0.1)  # connected and waiting for the answer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        await sender.close()
+
+
+@pytest.fixture
+async def hang_server() -> AsyncIterator[str]:
+    """A server that reads the request and never answers."""
+    servers = RawServers()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.Event().wait()
+
+    try:
+        yield await servers.start(hang)
+    finally:
+        await servers.close()
