@@ -24,7 +24,7 @@ from . import claiming, systemd
 from .claiming import Job, Slots
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError
-from .db import Executor, Q, acquire, check_schema, create_pool
+from .db import Executor, Q, acquire, check_schema, create_pool, keep_session
 from .endpoints import Endpoint
 from .envelope import render_body
 from .errors import DaemonCrashed, StartupError
@@ -195,6 +195,7 @@ class Dispatcher:
             # primary's old address) would otherwise hold a statement until TCP gives up,
             # many minutes; a claim or write-back older than a lease is stale anyway.
             command_timeout=cfg.delivery.lease,
+            reset=keep_session,
         )
         try:
             async with self.pool.acquire() as conn:

@@ -107,6 +107,15 @@ async def create_pool(
     return pool
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """A pool `reset` that sends nothing. asyncpg's default sends a reset query (advisory
+    unlock, CLOSE ALL, UNLISTEN, RESET ALL) on every release, a round trip and four statements
+    for each claim and write-back. The daemon's pooled connections keep no session state: no
+    LISTEN (the listener has its own connection), no SET outside a transaction, no cursors, and
+    the pruner lets go of its lock or closes the connection. asyncpg still rolls back an open
+    transaction before calling this."""
+
+
 @contextlib.asynccontextmanager
 async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
     """A pooled connection, dropped if a statement on it times out, and the pool's others then

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -210,9 +209,8 @@ async def prune_pass(
                 stopping,
             )
     finally:
-        if not dry_run and not _cancelling():
-            with contextlib.suppress(*TRANSIENT_DB_ERRORS):
-                await conn.execute(Q["prune_unlock"], lock_key(schema))
+        if not dry_run:
+            await _unlock(conn, schema)
     return PassResult(
         counts=counts,
         cutoffs=cut,
@@ -224,11 +222,18 @@ async def prune_pass(
     )
 
 
-def _cancelling() -> bool:
-    # A cancelled statement leaves the connection busy; the pool's reset on release (or the
-    # disconnect) drops the advisory lock instead.
+async def _unlock(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, schema: str) -> None:
+    """Let go of the pruning lock. When that cannot be done on this connection (the pass was
+    cancelled mid-statement, or the statement failed), the connection is closed, which lets go
+    of it too: the daemon's pool does not reset connections it takes back (db.keep_session)."""
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    if task is None or task.cancelling() == 0:
+        try:
+            await conn.execute(Q["prune_unlock"], lock_key(schema))
+            return
+        except TRANSIENT_DB_ERRORS:
+            pass
+    conn.terminate()
 
 
 async def _walk(

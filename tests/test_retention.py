@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from dispatcher.config import ConfigError, RetentionConfig, load_config
-from dispatcher.db import connect_kwargs
+from dispatcher.db import connect_kwargs, keep_session
 from dispatcher.metrics import Metrics
 from dispatcher.retention import PassResult, Pruner, Resume, lock_key, prune_pass
 from tests.conftest import Db, RunningDaemon, wait_until
@@ -289,6 +289,58 @@ async def test_only_one_process_prunes_a_schema_at_a_time(db: Db) -> None:
         await other.close()
     assert await prune_pass(db.conn, RETENTION, db.schema) is not None
     assert await delivery_ids(db) == set()
+
+
+async def test_a_pass_cancelled_mid_statement_lets_go_of_the_lock_on_a_pool_that_keeps_sessions(
+    db: Db,
+) -> None:
+    eid, _ = await db.add_endpoint(URL)
+    await add_delivery(db, await add_event(db), eid, "succeeded", 8)
+    pool = await asyncpg.create_pool(
+        **connect_kwargs(db.config.database), min_size=1, max_size=1, reset=keep_session
+    )
+    blocker = await asyncpg.connect(**connect_kwargs(db.config.database))
+    try:
+        async with blocker.transaction():
+            # The pass's first delete waits behind this lock until it is cancelled.
+            await blocker.execute(f'LOCK TABLE "{db.schema}".deliveries')
+
+            async def prune() -> None:
+                async with pool.acquire() as conn:
+                    await prune_pass(conn, RETENTION, db.schema)
+
+            task = asyncio.create_task(prune())
+            await wait_until(
+                lambda: _waiting_for_a_lock(db), timeout=10, message="the pass to wait"
+            )
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        # Another session can take the lock (its holder's connection was closed), and the
+        # pool goes on with a new connection.
+        async def taken_elsewhere() -> bool:
+            key = lock_key(db.schema)
+            if await blocker.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                await blocker.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+                return True
+            return False
+
+        await wait_until(taken_elsewhere, timeout=5, message="the lock to be let go")
+        async with pool.acquire() as conn:
+            assert await prune_pass(conn, RETENTION, db.schema) is not None
+        assert await delivery_ids(db) == set()
+    finally:
+        await blocker.close()
+        await pool.close()
+
+
+async def _waiting_for_a_lock(db: Db) -> bool:
+    return bool(
+        await db.count(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+    )
 
 
 # The command ----------------------------------------------------------------------------------
