@@ -121,8 +121,10 @@ class Listener:
             # Anything inserted while we were not listening sent no notification we could hear.
             self._wake()
             while not lost.is_set():
+                # (asyncio.timeout: see monitoring.Sampler.run)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), PROBE_INTERVAL)
+                    async with asyncio.timeout(PROBE_INTERVAL):
+                        await lost.wait()
                 if not lost.is_set():
                     await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT)
             raise ConnectionResetError("listener connection closed")

@@ -93,7 +93,10 @@ class Sampler:
         while True:
             self._retuned.clear()
             try:
-                await asyncio.wait_for(self._retuned.wait(), self.interval)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+                # that arrives as the event is set, and this task would then never end.
+                async with asyncio.timeout(self.interval):
+                    await self._retuned.wait()
                 continue  # a new interval: start waiting again
             except TimeoutError:
                 pass

@@ -122,8 +122,10 @@ class ResultWriter:
         while True:
             await self._has_items.wait()
             if self._flush_interval > 0:
+                # (asyncio.timeout: see monitoring.Sampler.run)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._flush_interval)
+                    async with asyncio.timeout(self._flush_interval):
+                        await self._full.wait()
             try:
                 await self.flush()
                 failures = 0

@@ -37,6 +37,7 @@ class Notifier:
         self._warned = False
         # READY=1 has been sent (and STOPPING=1 not yet): a reload may say RELOADING=1.
         self.ready = False
+        self._stopping_sent = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
@@ -121,8 +122,7 @@ class Notifier:
                 if fields:
                     self.notify(**fields)
                 await asyncio.wait({stopped}, timeout=self.watchdog_interval or 1.0)
-            self.ready = False
-            self.notify(STOPPING=1, STATUS=f"Stopping: {daemon.in_flight} requests in flight")
+            self._stopping(daemon)
             # Shutting down may take [delivery] shutdown_grace: keep the watchdog fed meanwhile.
             interval = self.watchdog_interval
             if interval is None:
@@ -131,8 +131,19 @@ class Notifier:
                 await asyncio.sleep(interval)
                 self.notify(WATCHDOG=1)
         finally:
+            if daemon.stop.is_set():
+                # A quick shutdown can end this task before it woke to the stop.
+                self._stopping(daemon)
             stopped.cancel()
             self.close()
+
+    def _stopping(self, daemon: Dispatcher) -> None:
+        """STOPPING=1, once."""
+        if self._stopping_sent:
+            return
+        self._stopping_sent = True
+        self.ready = False
+        self.notify(STOPPING=1, STATUS=f"Stopping: {daemon.in_flight} requests in flight")
 
 
 def _status(daemon: Dispatcher) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -10,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from aiohttp import web
 
 from dispatcher.config import Config, HttpConfig
@@ -223,3 +225,26 @@ async def test_one_summary_line_per_interval_counts_what_happened_since_the_last
         assert e["in_flight"] >= 0
         assert e["lag_seconds"] >= 0
     assert await db.statuses() == {"succeeded": 3, "failed": 1}
+
+
+@pytest.mark.parametrize("yields_between", [0, 1, 2, 3])
+async def test_the_sampler_ends_when_cancelled_just_as_its_interval_is_changed(
+    db: Db, yields_between: int
+) -> None:
+    pool = await asyncpg.create_pool(**connect_kwargs(db.config.database), min_size=1)
+    sampler = Sampler(Metrics(), 60.0, lambda: 0)
+    task = asyncio.create_task(sampler.run(pool))
+    try:
+        # Once the first sample is in, the sampler waits out its interval.
+        await wait_until(lambda: sampler.last is not None, message="the first sample")
+        await asyncio.sleep(0.05)
+        sampler.retune(30.0)
+        for _ in range(yields_between):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the sampler swallowed its cancellation"
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await pool.close()
