@@ -75,6 +75,7 @@ class Settings:
     fairness_events: int
     fairness_seconds: float
     fairness_load: float
+    fairness_pairs: int
     replicas_events: int
     dispatcher_concurrency: int
     retention_rows: int = 1_000_000
@@ -158,6 +159,9 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--fairness-load", type=_positive, default=0.5, help="fairness: of healthy drain rate"
     )
     p.add_argument(
+        "--fairness-pairs", type=int, default=2, help="fairness: runs of each kind, mirrored (2)"
+    )
+    p.add_argument(
         "--dispatcher-concurrency",
         type=int,
         default=DISPATCHER_CONCURRENCY,
@@ -215,6 +219,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         fairness_events=a.fairness_events,
         fairness_seconds=a.fairness_seconds,
         fairness_load=a.fairness_load,
+        fairness_pairs=max(1, a.fairness_pairs),
         replicas_events=a.replicas_events,
         dispatcher_concurrency=a.dispatcher_concurrency,
         retention_rows=a.retention_rows,
@@ -232,6 +237,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         settings.scale_events = [1_000, 4_000]
         settings.fairness_events = min(settings.fairness_events, 1_000)
         settings.fairness_seconds = 1.0
+        settings.fairness_pairs = 1
         settings.replicas_events = min(settings.replicas_events, 2_000)
         settings.retention_rows = min(settings.retention_rows, 5_000)
         settings.ordered_events = min(settings.ordered_events, 1_000)
@@ -380,7 +386,9 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
         if scale is not None:
             _show(report.scale_table(scale))
     if "fairness" in s.only:
-        job = run_fairness(ctx, s.fairness_events, s.fairness_seconds, s.fairness_load)
+        job = run_fairness(
+            ctx, s.fairness_events, s.fairness_seconds, s.fairness_load, s.fairness_pairs
+        )
         fairness = await scenario("fairness", job)
         if fairness is not None:
             _show(report.fairness_table(fairness))

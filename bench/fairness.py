@@ -97,10 +97,15 @@ class FairnessResult:
     load: float
     latency_seconds: float
     without: FairnessRun
+    """The first run without the hanging endpoints (the latency columns' source)."""
     with_hanging: FairnessRun
+    """The first run with them."""
     throughput_ratio: float
-    """Healthy deliveries/s with the hanging endpoints / without (target at least 0.9)."""
+    """Healthy deliveries/s with the hanging endpoints / without (target at least 0.9), each the
+    mean over its runs."""
     p99_ratio: float
+    runs: list[FairnessRun] = field(default_factory=list)
+    """Every run in the order made: without, with, with, without, ... (pairs, mirrored)."""
 
 
 class HangServer:
@@ -153,27 +158,46 @@ class HangServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
 
-async def run_fairness(ctx: Context, events: int, seconds: float, load: float) -> FairnessResult:
-    """Run without the hanging endpoints, then with them, offering both the same healthy load
-    (`load` times the healthy drain rate of the run without)."""
+async def run_fairness(
+    ctx: Context, events: int, seconds: float, load: float, pairs: int = 1
+) -> FairnessResult:
+    """Runs without and with the hanging endpoints, `pairs` of each, in the order without,
+    with, with, without, ... so that a machine speeding up or slowing down over the scenario
+    (this shared one does, by a fifth within minutes) weighs on both sides alike. Every run
+    offers the healthy endpoints the same load: `load` times the first run's healthy drain rate.
+    """
     hang = HangServer()
     await hang.start()
+    runs: list[FairnessRun] = []
     try:
-        without = await _run(ctx, events, seconds, load, None, None)
-        with_hanging = await _run(ctx, events, seconds, load, hang, without.healthy_offered_per_s)
+        offered: float | None = None
+        for i in range(2 * pairs):
+            hanging = i % 4 in (1, 2)
+            run = await _run(ctx, events, seconds, load, hang if hanging else None, offered)
+            offered = run.healthy_offered_per_s
+            runs.append(run)
     finally:
         await hang.close()
+    without = [r for r in runs if not r.hanging_endpoints]
+    with_hanging = [r for r in runs if r.hanging_endpoints]
     return FairnessResult(
         healthy_endpoints=HEALTHY,
         hanging_endpoints=HANGING,
         timeout_s=DeliveryConfig().timeout,
         load=load,
         latency_seconds=seconds,
-        without=without,
-        with_hanging=with_hanging,
-        throughput_ratio=round(with_hanging.healthy_per_s / without.healthy_per_s, 3),
-        p99_ratio=round(with_hanging.p99_ms / without.p99_ms, 3),
+        without=without[0],
+        with_hanging=with_hanging[0],
+        throughput_ratio=round(
+            _mean(with_hanging, "healthy_per_s") / _mean(without, "healthy_per_s"), 3
+        ),
+        p99_ratio=round(_mean(with_hanging, "p99_ms") / _mean(without, "p99_ms"), 3),
+        runs=runs,
     )
+
+
+def _mean(runs: list[FairnessRun], name: str) -> float:
+    return sum(float(getattr(r, name)) for r in runs) / len(runs)
 
 
 async def _add_endpoints(conn: asyncpg.Connection, urls: dict[str, str]) -> list[int]:

@@ -278,11 +278,13 @@ def fairness_table(r: FairnessResult) -> str:
         f"{r.hanging_endpoints} that never answer (timeout {r.timeout_s:g} s); one tenant each, "
         f"backlog drain then {r.load:.0%} load for {r.latency_seconds:g} s"
     )
-    text = table(title, headers, [row(r.without), row(r.with_hanging)], left=[11])
+    runs = r.runs or [r.without, r.with_hanging]
+    text = table(title, headers, [row(x) for x in runs], left=[11])
     w = r.with_hanging
+    means = " (means over the runs of each kind, made in mirrored order)" if len(runs) > 2 else ""
     return text + (
         f"\nhealthy throughput with / without hanging: {_n(r.throughput_ratio, 3)} "
-        f"(target >= 0.9); healthy p99 with / without: {_n(r.p99_ratio, 2)}; "
+        f"(target >= 0.9); healthy p99 with / without: {_n(r.p99_ratio, 2)}{means}; "
         f"{w.hanging_timeouts:,} of {w.hanging_attempts:,} hanging attempts timed out "
         f"({w.hanging_connections:,} connections held)"
     )
