@@ -49,6 +49,10 @@ log = structlog.get_logger("dispatcher")
 BUSY_POLL = 0.002
 IDLE_AFTER = 0.5
 STALE_LISTENER_AFTER = 600.0
+# Requests at a time to an endpoint whose last recorded attempts failed, until one succeeds:
+# one that hangs would otherwise hold its whole cap of the global slots for a timeout at a
+# time, and failing faster with more requests helps nobody.
+FAILING_CAP = 2
 
 
 class Dispatcher:
@@ -285,7 +289,7 @@ class Dispatcher:
             self._wake.clear()
             self._room.clear()
             self._endpoint_room.clear()
-            slots = self._scheduler.claimable()
+            slots = self._scheduler.claimable(self._failing())
             jobs: list[Job] = []
             try:
                 async with acquire(self.pool) as conn:
@@ -350,7 +354,7 @@ class Dispatcher:
                     await self._sleep(self.config.delivery.poll_interval, self._room)
             elif wait_for > 0:
                 # An endpoint at its cap may have work waiting that only its own slots release.
-                saturated = bool(self._scheduler.claimable().saturated)
+                saturated = bool(self._scheduler.claimable(self._failing()).saturated)
                 await self._sleep(
                     wait_for, self._wake, *([self._endpoint_room] if saturated else [])
                 )
@@ -416,12 +420,18 @@ class Dispatcher:
 
     def _cap(self, endpoint_id: int) -> int:
         ep = self._endpoints.get(endpoint_id)
+        cap = self.config.delivery.per_endpoint_concurrency
         if ep is not None and ep.max_in_flight:
-            return ep.max_in_flight
-        return self.config.delivery.per_endpoint_concurrency
+            cap = ep.max_in_flight
+        if endpoint_id in self._failing():
+            return min(cap, FAILING_CAP)
+        return cap
+
+    def _failing(self) -> set[int]:
+        return self.writer.failing if hasattr(self, "writer") else set()
 
     async def _seconds_until_due(self, conn: Executor) -> float:
-        saturated = self._scheduler.claimable().saturated
+        saturated = self._scheduler.claimable(self._failing()).saturated
         due = await conn.fetchval(Q["seconds_until_due"], saturated)
         poll = self.config.delivery.poll_interval
         return poll if due is None else max(0.001, min(poll, float(due)))

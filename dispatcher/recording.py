@@ -96,6 +96,11 @@ class ResultWriter:
             asyncio.Lock()
         )  # the flusher and a shutdown drain must not write one batch twice
 
+    @property
+    def failing(self) -> set[int]:
+        """Endpoints whose last recorded attempts failed (their streak has not ended)."""
+        return self._failing
+
     def retune(
         self,
         *,

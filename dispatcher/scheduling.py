@@ -10,7 +10,7 @@ Pure bookkeeping, no I/O: the daemon starts the tasks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .claiming import Job, Slots
 
@@ -34,11 +34,15 @@ class Scheduler:
         """The smallest claim worth a round trip while the queue is still fed."""
         return max(1, self.concurrency // 8)
 
-    def claimable(self) -> Slots:
-        """How much more to claim: up to `concurrency` waiting in all, twice its cap each."""
+    def claimable(self, limited: Iterable[int] = ()) -> Slots:
+        """How much more to claim: up to `concurrency` waiting in all, twice its cap each.
+        `limited` endpoints are named even with nothing held here, so that a cap lower than
+        their max_in_flight (see daemon.FAILING_CAP) holds for what is claimed too."""
         held = dict(self._running)
         for eid, jobs in self._waiting.items():
             held[eid] = held.get(eid, 0) + len(jobs)
+        for eid in limited:
+            held.setdefault(eid, 0)
         per_endpoint = {eid: 2 * self._cap(eid) - n for eid, n in held.items()}
         free = 2 * self.concurrency - self.running - self.waiting
         return Slots(free, per_endpoint, self.default_cap)

@@ -7,10 +7,12 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 from aiohttp import web
 
 from dispatcher.config import OpsConfig
+from dispatcher.daemon import FAILING_CAP
 from dispatcher.db import Q
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
@@ -256,3 +258,66 @@ async def test_a_50mb_response_is_read_only_up_to_the_cap(
     assert await db.statuses() == {"succeeded": 2}
     lengths = await db.conn.fetch("SELECT length(response_excerpt) AS n FROM attempts")
     assert {row["n"] for row in lengths} == {db.config.delivery.response_excerpt_bytes}
+
+
+async def test_an_endpoint_that_keeps_failing_gets_two_requests_at_a_time_until_one_succeeds(
+    db: Db, receiver_factory: Factory, daemon_factory: Daemons
+) -> None:
+    answering = asyncio.Event()
+
+    async def hang_then_slow_ok(request: web.Request, n: int) -> web.StreamResponse:
+        if not answering.is_set():
+            await asyncio.sleep(30)  # the dispatcher gives up first
+        await asyncio.sleep(0.2)
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(hang_then_slow_ok)
+    await db.add_endpoint(receiver.url, timeout_ms=300)  # max_in_flight: 8 (the default)
+    await daemon_factory()
+    await db.insert_events(24)
+    # The first round (before any failure is recorded) may use the whole cap; once failures
+    # are on record, at most FAILING_CAP at a time.
+    first = await _first_attempt_end(db, "timeout")
+    await wait_until(
+        lambda: db.count("SELECT count(*) FROM attempts WHERE attempted_at > $1", first + ONE_S),
+        timeout=10,
+        message="attempts after the failures were recorded",
+    )
+    later = await _overlaps(db, "attempted_at > $1", first + ONE_S)
+    assert max(later) <= FAILING_CAP, later
+    # A success ends the streak: the full cap again.
+    answering.set()
+    await db.insert_events(16)
+    await wait_until(lambda: _successes_at_least(db, 16), timeout=20, message="successes")
+    assert max(await _overlaps(db, "status_code = 200", None)) > FAILING_CAP
+
+
+ONE_S = timedelta(seconds=1)
+
+
+async def _successes_at_least(db: Db, n: int) -> bool:
+    return await db.count("SELECT count(*) FROM attempts WHERE status_code = 200") >= n
+
+
+async def _first_attempt_end(db: Db, error: str) -> datetime:
+    await wait_until(
+        lambda: db.count("SELECT count(*) FROM attempts WHERE error = $1", error),
+        message=f"a {error} recorded",
+    )
+    row = await db.row(
+        "SELECT min(attempted_at + duration_ms * interval '1 ms') AS t FROM attempts"
+        " WHERE error = $1",
+        error,
+    )
+    return row["t"]  # type: ignore[no-any-return]
+
+
+async def _overlaps(db: Db, where: str, arg: datetime | None) -> list[int]:
+    """For each attempt matching `where`, how many matching attempts were under way as it
+    started (itself included)."""
+    rows = await db.conn.fetch(
+        f"SELECT attempted_at AS s, attempted_at + duration_ms * interval '1 ms' AS e"
+        f" FROM attempts WHERE {where}",
+        *([] if arg is None else [arg]),
+    )
+    return [sum(1 for o in rows if o["s"] <= r["s"] < o["e"]) for r in rows]

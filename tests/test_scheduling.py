@@ -103,3 +103,11 @@ def test_take_waiting_hands_back_what_never_started() -> None:
     assert s.take_waiting() == jobs[1:]
     assert (s.running, s.waiting) == (1, 0)
     assert s.next() is None
+
+
+def test_limited_endpoints_are_named_in_the_claimable_slots_even_with_nothing_held() -> None:
+    s = scheduler(concurrency=8, caps={7: 1})
+    assert s.claimable().by_endpoint == {}
+    assert s.claimable(limited=[7]).by_endpoint == {7: 2}
+    s.add(job(7))
+    assert s.claimable(limited=[7]).by_endpoint == {7: 1}
