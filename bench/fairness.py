@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -23,6 +22,7 @@ from bench.harness import (
     drop_schema,
     fresh_schema,
     insert_backlog,
+    poll_until,
     start_daemon,
 )
 from bench.latency import PRODUCERS, STATS, produce, wait_delivered
@@ -314,9 +314,12 @@ async def _wait_done(
     conn: asyncpg.Connection, daemon: DaemonProcess, healthy: list[int], events: int
 ) -> None:
     """Poll until the backlog is fanned out and no healthy delivery is left (with a deadline)."""
-    deadline = time.monotonic() + 60 + events / 200
-    while not await conn.fetchval(_DONE, healthy):
-        daemon.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"healthy share of {events} events not delivered by the deadline")
-        await asyncio.sleep(POLL_S)
+    await poll_until(
+        conn,
+        daemon,
+        _DONE,
+        healthy,
+        seconds=60 + events / 200,
+        every=POLL_S,
+        failure=f"healthy share of {events} events not delivered by the deadline",
+    )

@@ -233,11 +233,32 @@ def stop_all(daemons: Sequence[DaemonProcess]) -> None:
         raise failures[0]
 
 
-async def wait_idle_listener(conn: asyncpg.Connection, daemon: DaemonProcess) -> None:
-    """Wait until the dispatcher has registered as an idle listener (it is up and waiting)."""
-    deadline = time.monotonic() + 30
-    while not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM listeners WHERE idle)"):
+async def poll_until(
+    conn: asyncpg.Connection,
+    daemon: DaemonProcess,
+    query: str,
+    *args: object,
+    seconds: float,
+    every: float,
+    failure: str,
+) -> None:
+    """Run `query` (one boolean) every `every` seconds until it is true; raise with the
+    daemon's log if it exits meanwhile, or RuntimeError(`failure`) after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not await conn.fetchval(query, *args):
         daemon.check_alive()
         if time.monotonic() > deadline:
-            raise RuntimeError("the dispatcher did not become idle within 30 s")
-        await asyncio.sleep(0.05)
+            raise RuntimeError(failure)
+        await asyncio.sleep(every)
+
+
+async def wait_idle_listener(conn: asyncpg.Connection, daemon: DaemonProcess) -> None:
+    """Wait until the dispatcher has registered as an idle listener (it is up and waiting)."""
+    await poll_until(
+        conn,
+        daemon,
+        "SELECT EXISTS (SELECT 1 FROM listeners WHERE idle)",
+        seconds=30,
+        every=0.05,
+        failure="the dispatcher did not become idle within 30 s",
+    )

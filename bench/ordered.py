@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -33,6 +32,7 @@ from bench.harness import (
     connect,
     drop_schema,
     fresh_schema,
+    poll_until,
     start_daemon,
 )
 from bench.receiver import RequestProtocol
@@ -313,12 +313,15 @@ async def _wait_done(
     conn: asyncpg.Connection, daemon: DaemonProcess, events: int, skip_key: str | None
 ) -> None:
     """Poll until every event is fanned out and only `skip_key`'s deliveries may be left."""
-    deadline = time.monotonic() + 60 + events / 100
-    while not await conn.fetchval(_DONE, skip_key):
-        daemon.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{events} ordered-scenario events not delivered by the deadline")
-        await asyncio.sleep(POLL_S)
+    await poll_until(
+        conn,
+        daemon,
+        _DONE,
+        skip_key,
+        seconds=60 + events / 100,
+        every=POLL_S,
+        failure=f"{events} ordered-scenario events not delivered by the deadline",
+    )
 
 
 async def _throughput(
