@@ -154,6 +154,17 @@ class Db:
 
 
 @pytest.fixture
+async def own_cluster() -> AsyncIterator[EphemeralPostgres]:
+    """A PostgreSQL of the test's own, so it can be stopped or restarted under the daemon."""
+    cluster = EphemeralPostgres(durable=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.cleanup)
+
+
+@pytest.fixture
 async def db(pg_dsn: str) -> AsyncIterator[Db]:
     """A fresh, migrated schema for one test, dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"

@@ -14,12 +14,11 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import pytest
 from aiohttp import web
 
 from dispatcher.db import connect_kwargs, migrate
@@ -36,17 +35,6 @@ KILLS = 2
 SCHEMA = "webhooks"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SEED = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(1 << 32)))
-
-
-@pytest.fixture
-async def own_cluster() -> AsyncIterator[EphemeralPostgres]:
-    """A PostgreSQL of this test's own, so it can be restarted under the daemon."""
-    cluster = EphemeralPostgres(durable=False)
-    await asyncio.to_thread(cluster.start)
-    try:
-        yield cluster
-    finally:
-        await asyncio.to_thread(cluster.cleanup)
 
 
 @dataclass

@@ -111,17 +111,6 @@ async def test_a_terminated_listener_is_back_at_once_every_time_and_misses_no_ev
     assert len(receiver.requests) == expected
 
 
-@pytest.fixture
-async def own_cluster() -> AsyncIterator[EphemeralPostgres]:
-    """A PostgreSQL of this test's own, so it can be stopped under the daemon."""
-    cluster = EphemeralPostgres(durable=False)
-    await asyncio.to_thread(cluster.start)
-    try:
-        yield cluster
-    finally:
-        await asyncio.to_thread(cluster.cleanup)
-
-
 def slow(seconds: float) -> Callable[[web.Request, int], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request, n: int) -> web.StreamResponse:
         await asyncio.sleep(seconds)

@@ -400,11 +400,13 @@ async def test_requests_past_their_deadline_time_out_each_on_its_own_and_the_sen
         await sender.close()
 
 
-async def test_cancelling_a_request_from_outside_still_cancels_it(hang_server: str) -> None:
+async def test_cancelling_a_request_from_outside_still_cancels_it(
+    hang_server: str, hang_servers: RawServers
+) -> None:
     sender = _sender()
     try:
         task = asyncio.create_task(sender.send(hang_server, b"{}", {}, 30))
-        await asyncio.sleep(0.1)  # connected and waiting for the answer
+        await wait_until(lambda: hang_servers.handlers, message="the request under way")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
@@ -413,14 +415,19 @@ async def test_cancelling_a_request_from_outside_still_cancels_it(hang_server: s
 
 
 @pytest.fixture
-async def hang_server() -> AsyncIterator[str]:
-    """A server that reads the request and never answers."""
+async def hang_servers() -> AsyncIterator[RawServers]:
     servers = RawServers()
+    try:
+        yield servers
+    finally:
+        await servers.close()
+
+
+@pytest.fixture
+async def hang_server(hang_servers: RawServers) -> str:
+    """The URL of a server that reads the request and never answers."""
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.Event().wait()
 
-    try:
-        yield await servers.start(hang)
-    finally:
-        await servers.close()
+    return await hang_servers.start(hang)
