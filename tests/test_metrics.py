@@ -237,7 +237,6 @@ async def test_the_sampler_ends_when_cancelled_just_as_its_interval_is_changed(
     try:
         # Once the first sample is in, the sampler waits out its interval.
         await wait_until(lambda: sampler.last is not None, message="the first sample")
-        await asyncio.sleep(0.05)
         sampler.retune(30.0)
         for _ in range(yields_between):
             await asyncio.sleep(0)
