@@ -14,6 +14,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from . import __version__
 from .addresses import forbidden_address
@@ -27,6 +28,10 @@ USER_AGENT = f"loyalty-webhook-dispatcher/{__version__}"
 # at most this much.
 _SWEEP_EVERY = 0.1
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None)
+# Headers aiohttp would add on its own that a webhook has no use for.
+_SKIP_AUTO_HEADERS = ("Accept-Encoding",)
+# Parsed URLs by their text; endpoints are few and their URLs change rarely.
+_URL_CACHE_MAX = 10_000
 
 
 class BlockedAddressError(OSError):
@@ -95,14 +100,15 @@ class Sender:
             ssl=ssl_context if ssl_context is not None else True,
             socket_factory=None if allow_private_networks else guarded_socket_factory,
         )
+        self.user_agent = user_agent or USER_AGENT
+        # Owns the connector; requests go through aiohttp's request layer directly (`_post`).
         self._session = aiohttp.ClientSession(
             connector=self._connector,
-            headers={"User-Agent": user_agent or USER_AGENT},
             auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
-            # Receivers' cookies are never sent back: each delivery stands alone.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._urls: dict[str, URL] = {}
         # Requests under way and their deadlines (loop time); those the sweeper cancelled.
         self._deadlines: dict[asyncio.Task[object], float] = {}
         self._timed_out: set[asyncio.Task[object]] = set()
@@ -140,13 +146,7 @@ class Sender:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="http-timeouts")
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=_NO_TIMEOUT,
-            ) as resp:
+            async with await self._post(url, body, headers) as resp:
                 raw = await self._read_capped(resp)
                 excerpt = raw[: self.excerpt_bytes].decode("utf-8", "replace")
                 status = resp.status
@@ -196,6 +196,47 @@ class Sender:
                 # task is not left "being cancelled".
                 self._timed_out.discard(task)
                 task.uncancel()
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """One POST through aiohttp's request layer, without the session's per-request work
+        that a webhook never needs (redirects, cookies, proxies, traces, middlewares, timers):
+        that work was a third of the client's CPU per request, measured against nginx. The
+        connector still opens, checks (the address policy) and reuses every connection."""
+        target = self._urls.get(url)
+        if target is None:
+            target = URL(url)
+            if target.scheme not in ("http", "https") or not target.raw_host:
+                raise aiohttp.InvalidUrlClientError(url)
+            if len(self._urls) >= _URL_CACHE_MAX:
+                self._urls.clear()
+            self._urls[url] = target
+        sent = {"User-Agent": self.user_agent}
+        sent.update(headers)
+        req = aiohttp.ClientRequest(
+            "POST",
+            target,
+            headers=sent,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            data=body,
+            loop=asyncio.get_running_loop(),
+            response_class=aiohttp.ClientResponse,
+            session=self._session,
+            ssl=self._ssl,
+        )
+        conn = await self._connector.connect(req, [], _NO_TIMEOUT)
+        try:
+            assert conn.protocol is not None
+            conn.protocol.set_response_params(read_until_eof=True, auto_decompress=False)
+            resp = await req.send(conn)
+            try:
+                await resp.start(conn)
+            except BaseException:
+                resp.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        return resp
 
     async def _sweep(self) -> None:
         """Cancel requests past their deadline; `send` turns that into a timeout outcome. Runs
