@@ -26,6 +26,10 @@ class Decision:
         return {"pending": "retry"}.get(self.status, self.status)
 
 
+# Every success decides the same: one shared value instead of one made per delivery.
+SUCCEEDED = Decision("succeeded")
+
+
 class RetryPolicy:
     """The configured schedule with jitter; Retry-After on 429/503 within bounds; 410 disables."""
 
@@ -42,7 +46,7 @@ class RetryPolicy:
         """`attempt` is the 1-based number of the attempt just made, counted from the last
         replay (a replay starts a fresh schedule)."""
         if outcome.ok:
-            return Decision("succeeded")
+            return SUCCEEDED
         if outcome.status_code == 410:
             return Decision("pending", 0.0, disable_reason="410 Gone")
         schedule = self.config.schedule
