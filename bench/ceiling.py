@@ -1,4 +1,8 @@
-"""Ceiling: a plain aiohttp loop POSTing signed bodies, the HTTP rate with no database work."""
+"""Ceiling: a plain aiohttp loop POSTing signed bodies, the HTTP rate with no database work.
+
+Beside it, the same loop through the dispatcher's own sender (`dispatcher.sending.Sender`,
+which goes through aiohttp's request layer rather than `ClientSession.post`): how much of the
+drain's distance to the ceiling is the HTTP client, and how much the dispatcher's other work."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import orjson
 
 from bench.harness import EVENT_TYPE, TENANT, Context, CpuMeter, payload
 from dispatcher.envelope import render_body
-from dispatcher.sending import USER_AGENT
+from dispatcher.sending import USER_AGENT, Sender
 from dispatcher.signing import SigningProfile, generate_secret, sign
 
 WARMUP_S = 0.5
@@ -29,22 +33,30 @@ class CeilingRun:
     requests_per_s: float
     errors: int
     cores: dict[str, float] = field(default_factory=dict)
+    client: str = "session"
+    """"session": ClientSession.post (the ceiling); "sender": the dispatcher's Sender."""
 
 
 @dataclass
 class CeilingResult:
-    """Every level tried; the best one is the ceiling."""
+    """Every level tried; the best plain one is the ceiling."""
 
     runs: list[CeilingRun]
     requests_per_s: float
     concurrency: int
+    sender_requests_per_s: float | None = None
+    """The dispatcher's Sender in the same loop, at the ceiling's best concurrency."""
 
 
 async def run_ceiling(ctx: Context, concurrencies: list[int], seconds: float) -> CeilingResult:
-    """Measure each concurrency level for `seconds` after a short warm-up."""
+    """Measure each concurrency level for `seconds` after a short warm-up, then the
+    dispatcher's sender at the best one."""
     runs = [await _level(ctx, c, seconds) for c in concurrencies]
     best = max(runs, key=lambda r: r.requests_per_s)
-    return CeilingResult(runs, best.requests_per_s, best.concurrency)
+    sender = await _level(ctx, best.concurrency, seconds, client="sender")
+    return CeilingResult(
+        [*runs, sender], best.requests_per_s, best.concurrency, sender.requests_per_s
+    )
 
 
 def _bodies() -> list[tuple[str, bytes]]:
@@ -59,7 +71,9 @@ def _bodies() -> list[tuple[str, bytes]]:
     return out
 
 
-async def _level(ctx: Context, concurrency: int, seconds: float) -> CeilingRun:
+async def _level(
+    ctx: Context, concurrency: int, seconds: float, client: str = "session"
+) -> CeilingRun:
     loop = asyncio.get_running_loop()
     bodies = _bodies()
     secrets = [generate_secret("standard")]
@@ -81,6 +95,10 @@ async def _level(ctx: Context, concurrency: int, seconds: float) -> CeilingRun:
                 "webhook-attempt": "1",
             }
             headers.update(sign(profile, secrets, event_id, int(time.time()), body))
+            if sender is not None:
+                ok = (await sender.send(url, body, headers, 5.0)).ok
+                counts["done" if ok else "errors"] += 1
+                continue
             try:
                 async with session.post(
                     url, data=body, headers=headers, allow_redirects=False, timeout=timeout
@@ -91,6 +109,15 @@ async def _level(ctx: Context, concurrency: int, seconds: float) -> CeilingRun:
                 ok = False
             counts["done" if ok else "errors"] += 1
 
+    sender = None
+    if client == "sender":
+        sender = Sender(
+            concurrency=concurrency,
+            max_response_bytes=65536,
+            excerpt_bytes=1024,
+            allow_http=True,
+            allow_private_networks=True,
+        )
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
     async with aiohttp.ClientSession(
         connector=connector,
@@ -113,8 +140,10 @@ async def _level(ctx: Context, concurrency: int, seconds: float) -> CeilingRun:
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if sender is not None:
+                await sender.close()
     elapsed = t1 - t0
     n = done1 - done0
     return CeilingRun(
-        concurrency, round(elapsed, 3), n, round(n / elapsed, 1), errors1 - errors0, cores
+        concurrency, round(elapsed, 3), n, round(n / elapsed, 1), errors1 - errors0, cores, client
     )

@@ -451,6 +451,10 @@ def _summary(
         out["drain deliveries/s"] = drain.deliveries_per_s
     if ceiling is not None and drain is not None:
         out["drain / ceiling"] = round(drain.deliveries_per_s / ceiling.requests_per_s, 3)
+        if ceiling.sender_requests_per_s:
+            out["drain / sender loop"] = round(
+                drain.deliveries_per_s / ceiling.sender_requests_per_s, 3
+            )
     if latency is not None:
         for p in latency.points:
             out[f"latency at {p.load:.0%} load: p50 ms"] = p.p50_ms

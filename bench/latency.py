@@ -25,7 +25,7 @@ from bench.harness import (
     wait_idle_listener,
 )
 
-PRODUCERS = 8
+PRODUCERS = 16
 SETTLE_S = 1.0
 _START_DELAY_S = 0.05
 

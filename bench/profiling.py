@@ -59,7 +59,7 @@ class PySpy:
         exe = find_py_spy()
         if exe is None:
             return False
-        argv = [exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "100"]
+        argv = [exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250"]
         argv += ["--duration", "900", "--output", str(self.out)]
         # Without --native, sample without pausing the process (less disturbance); native
         # stacks need it paused.

@@ -90,13 +90,21 @@ def _cores(cores: dict[str, float]) -> str:
 
 
 def ceiling_table(r: CeilingResult, receiver: str) -> str:
-    """One row per concurrency level."""
+    """One row per concurrency level, then the dispatcher's sender at the best one."""
+    clients = {"session": "ClientSession.post", "sender": "dispatcher Sender"}
     rows = [
-        [str(x.concurrency), _n(x.requests_per_s), _n(x.requests), str(x.errors), _cores(x.cores)]
+        [
+            clients.get(x.client, x.client),
+            str(x.concurrency),
+            _n(x.requests_per_s),
+            _n(x.requests),
+            str(x.errors),
+            _cores(x.cores),
+        ]
         for x in r.runs
     ]
-    headers = ["concurrency", "requests/s", "requests", "errors", "cores used"]
-    return table(f"ceiling: plain aiohttp client -> {receiver}", headers, rows, left=[4])
+    headers = ["client", "concurrency", "requests/s", "requests", "errors", "cores used"]
+    return table(f"ceiling: plain aiohttp client -> {receiver}", headers, rows, left=[0, 5])
 
 
 def drain_table(r: DrainResult) -> str:

@@ -47,6 +47,7 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     ceiling = scenarios["ceiling"]
     assert _positive(ceiling["requests_per_s"])
     assert all(_positive(run["requests_per_s"]) for run in ceiling["runs"])
+    assert _positive(ceiling["sender_requests_per_s"])
 
     drain = scenarios["drain"]
     assert drain["events"] == 2000
@@ -126,5 +127,6 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert _positive(ordered["stuck_ratio"])
 
     assert _positive(data["summary"]["drain / ceiling"])
+    assert _positive(data["summary"]["drain / sender loop"])
     assert _positive(data["summary"]["drain / peer"])
     assert "results:" in proc.stdout
