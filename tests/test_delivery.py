@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
+from dispatcher import __version__
 from dispatcher.config import OpsConfig
 from dispatcher.daemon import FAILING_CAP
 from dispatcher.db import Q
@@ -54,6 +55,32 @@ async def test_each_event_reaches_exactly_the_tenants_matching_enabled_endpoints
     assert other.event_ids() == b_points
     assert off.requests == []
     assert await db.count("SELECT count(*) FROM deliveries WHERE status = 'paused'") == 6
+
+
+async def test_requests_name_the_dispatcher_and_never_send_back_a_receivers_cookie(
+    db: Db, receiver_factory: Factory, daemon_factory: Daemons
+) -> None:
+    async def set_cookie(request: web.Request, n: int) -> web.StreamResponse:
+        response = web.Response(status=200, text="ok")
+        response.set_cookie("session", f"s{n}")
+        return response
+
+    r = await receiver_factory(set_cookie)
+    await db.add_endpoint(r.url, max_in_flight=1, headers='{"X-Shop": "42"}')
+    await daemon_factory()
+    ids = await db.insert_events(3)
+    await wait_until(lambda: succeeded(db, 3), message="all delivered")
+
+    assert sorted(r.event_ids()) == sorted(ids)
+    for req in r.requests:
+        assert req.headers["User-Agent"] == f"loyalty-webhook-dispatcher/{__version__}"
+        assert req.headers["Content-Type"] == "application/json"
+        assert req.headers["Content-Length"] == str(len(req.body))
+        assert req.headers["Host"] == r.url.split("/")[2]
+        assert req.headers["X-Shop"] == "42"
+        assert req.headers["webhook-event-type"] == "points.earned"
+        assert "Cookie" not in req.headers
+        assert "Accept-Encoding" not in req.headers
 
 
 async def test_retries_resend_identical_bytes_and_id_on_the_configured_schedule(
