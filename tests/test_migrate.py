@@ -261,3 +261,20 @@ async def test_each_committed_insert_statement_wakes_an_idle_dispatcher(
     await db.insert_events(1)
     await db.insert_events(1)
     assert await notifications.settle(db.conn) == ["", ""]
+
+
+async def test_an_insert_refused_or_rolled_back_wakes_nobody(
+    db: Db, notifications: Notifications
+) -> None:
+    # The trigger fires before the statement: its notification must still depend on the commit.
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.conn.execute(
+            "INSERT INTO outbox (tenant, event_type, payload) VALUES ('shop-1', 'bad type!', '{}')"
+        )
+    tx = db.conn.transaction()
+    await tx.start()
+    await db.insert_events(1)
+    await tx.rollback()
+    assert await db.count("SELECT count(*) FROM outbox") == 0
+    assert await notifications.settle(db.conn) == []
