@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import aiohttp
@@ -34,7 +34,8 @@ class CeilingRun:
     errors: int
     cores: dict[str, float] = field(default_factory=dict)
     client: str = "session"
-    """"session": ClientSession.post (the ceiling); "sender": the dispatcher's Sender."""
+    """"session": ClientSession.post (the ceiling; "session after drain" when run again after
+    the drain); "sender": the dispatcher's Sender."""
 
 
 @dataclass
@@ -46,6 +47,16 @@ class CeilingResult:
     concurrency: int
     sender_requests_per_s: float | None = None
     """The dispatcher's Sender in the same loop, at the ceiling's best concurrency."""
+    after_drain_requests_per_s: float | None = None
+    """The best level again, right after the drain: this machine's speed drifts by a fifth
+    within minutes, so the drain is compared with the mean of the runs either side of it."""
+
+    @property
+    def bracketing_requests_per_s(self) -> float:
+        """The ceiling to compare the drain with: the mean of before and after, if both ran."""
+        if self.after_drain_requests_per_s is None:
+            return self.requests_per_s
+        return round((self.requests_per_s + self.after_drain_requests_per_s) / 2, 1)
 
 
 async def run_ceiling(ctx: Context, concurrencies: list[int], seconds: float) -> CeilingResult:
@@ -56,6 +67,14 @@ async def run_ceiling(ctx: Context, concurrencies: list[int], seconds: float) ->
     sender = await _level(ctx, best.concurrency, seconds, client="sender")
     return CeilingResult(
         [*runs, sender], best.requests_per_s, best.concurrency, sender.requests_per_s
+    )
+
+
+async def run_ceiling_again(ctx: Context, result: CeilingResult, seconds: float) -> CeilingResult:
+    """The best plain level once more (after the drain), added to `result`."""
+    again = await _level(ctx, result.concurrency, seconds, client="session after drain")
+    return replace(
+        result, runs=[*result.runs, again], after_drain_requests_per_s=again.requests_per_s
     )
 
 
@@ -110,7 +129,7 @@ async def _level(
             counts["done" if ok else "errors"] += 1
 
     sender = None
-    if client == "sender":
+    if client == "sender":  # any other client is the plain session
         sender = Sender(
             concurrency=concurrency,
             max_response_bytes=65536,

@@ -20,7 +20,7 @@ import asyncpg
 
 from bench import report
 from bench.backend_cost import BackendCostResult, run_backend_cost
-from bench.ceiling import CeilingResult, run_ceiling
+from bench.ceiling import CeilingResult, run_ceiling, run_ceiling_again
 from bench.drain import DrainResult, run_drain
 from bench.fairness import FairnessResult, run_fairness
 from bench.harness import DISPATCHER_CONCURRENCY, Context
@@ -358,6 +358,10 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
         drain = await scenario("drain", run_drain(ctx, s.events, profile=s.profile))
         if drain is not None:
             _show(report.drain_table(drain))
+        if ceiling is not None and drain is not None:
+            again = run_ceiling_again(ctx, ceiling, s.ceiling_seconds)
+            ceiling = await scenario("ceiling", again) or ceiling
+            _show(report.ceiling_table(ceiling, ctx.receiver.description))
     if "latency" in s.only:
         rate, source = await _drain_rate(s, ctx, drain)
         if rate is not None:
@@ -446,11 +450,12 @@ def _summary(
 ) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     if ceiling is not None:
-        out["ceiling requests/s"] = ceiling.requests_per_s
+        out["ceiling requests/s"] = ceiling.bracketing_requests_per_s
     if drain is not None:
         out["drain deliveries/s"] = drain.deliveries_per_s
     if ceiling is not None and drain is not None:
-        out["drain / ceiling"] = round(drain.deliveries_per_s / ceiling.requests_per_s, 3)
+        ceiling_rate = ceiling.bracketing_requests_per_s
+        out["drain / ceiling"] = round(drain.deliveries_per_s / ceiling_rate, 3)
         if ceiling.sender_requests_per_s:
             out["drain / sender loop"] = round(
                 drain.deliveries_per_s / ceiling.sender_requests_per_s, 3

@@ -91,7 +91,11 @@ def _cores(cores: dict[str, float]) -> str:
 
 def ceiling_table(r: CeilingResult, receiver: str) -> str:
     """One row per concurrency level, then the dispatcher's sender at the best one."""
-    clients = {"session": "ClientSession.post", "sender": "dispatcher Sender"}
+    clients = {
+        "session": "ClientSession.post",
+        "session after drain": "ClientSession.post, after the drain",
+        "sender": "dispatcher Sender",
+    }
     rows = [
         [
             clients.get(x.client, x.client),

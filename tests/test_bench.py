@@ -48,6 +48,7 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert _positive(ceiling["requests_per_s"])
     assert all(_positive(run["requests_per_s"]) for run in ceiling["runs"])
     assert _positive(ceiling["sender_requests_per_s"])
+    assert _positive(ceiling["after_drain_requests_per_s"])
 
     drain = scenarios["drain"]
     assert drain["events"] == 2000
