@@ -101,7 +101,8 @@ class Sender:
             socket_factory=None if allow_private_networks else guarded_socket_factory,
         )
         self.user_agent = user_agent or USER_AGENT
-        # Owns the connector; requests go through aiohttp's request layer directly (`_post`).
+        # Owns the connector; requests go through aiohttp's request layer directly (`_post`),
+        # built without cookies, so a receiver's cookies are never sent back.
         self._session = aiohttp.ClientSession(
             connector=self._connector,
             auto_decompress=False,
