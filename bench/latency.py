@@ -50,6 +50,28 @@ FROM (SELECT extract(epoch FROM d.completed_at - o.created_at)::float8 * 1000 AS
 """
 
 
+# Where the time went, stage by stage: the insert's transaction start to the fan-out's (the
+# producer's commit and the wait for the next claim), the fan-out's to the dispatcher's
+# attempt start (the statement and the hand-over to a task), the HTTP exchange, and its end to
+# the write-back's transaction start. PostgreSQL's now() and the dispatcher's clock, one host.
+STAGES = """
+SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (
+           ORDER BY extract(epoch FROM d.created_at - o.created_at)::float8 * 1000) AS to_fan_out,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (
+           ORDER BY extract(epoch FROM a.attempted_at - d.created_at)::float8 * 1000)
+           AS fan_out_to_send,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY a.duration_ms::float8) AS http,
+       percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (
+           ORDER BY extract(epoch FROM d.completed_at - a.attempted_at)::float8 * 1000
+                    - a.duration_ms) AS to_recorded
+FROM outbox o
+JOIN deliveries d ON d.event_seq = o.seq
+JOIN attempts a ON a.delivery_id = d.id AND a.decision = 'succeeded'
+WHERE o.seq > $1 AND o.seq <= $2
+"""
+STAGE_NAMES = ("to_fan_out", "fan_out_to_send", "http", "to_recorded")
+
+
 @dataclass
 class LatencyPoint:
     """One offered rate: how long events took from insert to a recorded 2xx."""
@@ -65,6 +87,8 @@ class LatencyPoint:
     producer_lag_max_ms: float
     p99_from_schedule_ms: float
     cores: dict[str, float] = field(default_factory=dict)
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)
+    """p50 and p99 of each stage (STAGES), in ms."""
 
 
 @dataclass
@@ -104,6 +128,8 @@ async def run_latency(
                 cores = meter.cores()
                 row = await conn.fetchrow(STATS, first, last)
                 assert row is not None
+                stages = await conn.fetchrow(STAGES, first, last)
+                assert stages is not None
                 points.append(
                     LatencyPoint(
                         load=fraction,
@@ -117,6 +143,10 @@ async def run_latency(
                         producer_lag_max_ms=round(row["lag_max"], 2),
                         p99_from_schedule_ms=round(row["scheduled_p99"], 2),
                         cores=cores,
+                        stages_ms={
+                            name: [round(v, 2) for v in stages[name] or (0.0, 0.0)]
+                            for name in STAGE_NAMES
+                        },
                     )
                 )
         finally:

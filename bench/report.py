@@ -14,7 +14,7 @@ from bench.backend_cost import MODES, BackendCostResult
 from bench.ceiling import CeilingResult
 from bench.drain import DrainResult
 from bench.fairness import FairnessResult, FairnessRun
-from bench.latency import LatencyResult
+from bench.latency import STAGE_NAMES, LatencyResult
 from bench.ordered import OrderedResult, StuckRun
 from bench.peer import PeerResult, PeerRun
 from bench.replicas import ReplicasResult
@@ -172,7 +172,19 @@ def latency_table(r: LatencyResult) -> str:
         f"{r.seconds_per_rate:g} s per rate; "
         f"drain rate {_n(r.drain_rate)}/s ({r.drain_rate_source})"
     )
-    return table(title, headers, rows, left=[9])
+    stage_rows = [
+        [f"{p.load:.0%}"]
+        + [f"{_n(p.stages_ms[name][0], 1)} / {_n(p.stages_ms[name][1], 1)}" for name in STAGE_NAMES]
+        for p in r.points
+        if p.stages_ms
+    ]
+    stages = table(
+        "latency by stage, p50 / p99 ms: insert to fan-out (commit, wait for a claim), fan-out to"
+        " send, HTTP, response to write-back",
+        ["load", "to fan-out", "fan-out to send", "http", "to recorded"],
+        stage_rows,
+    )
+    return table(title, headers, rows, left=[9]) + "\n\n" + stages
 
 
 def backend_cost_table(r: BackendCostResult) -> str:

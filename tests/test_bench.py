@@ -60,6 +60,8 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     for p in points:
         for key in ("target_per_s", "achieved_per_s", "events", "p50_ms", "p99_ms", "max_ms"):
             assert _positive(p[key]), (p["load"], key)
+        assert set(p["stages_ms"]) == {"to_fan_out", "fan_out_to_send", "http", "to_recorded"}
+        assert _positive(p["stages_ms"]["to_fan_out"][0]), p["load"]
 
     cells = scenarios["backend_cost"]["cells"]
     assert {(c["producers"], c["mode"]) for c in cells} == {
