@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from bench.harness import EVENT_TYPE, TENANT, Context, CpuMeter, payload
+from dispatcher.config import DeliveryConfig
 from dispatcher.envelope import render_body
 from dispatcher.sending import USER_AGENT, Sender
 from dispatcher.signing import SigningProfile, generate_secret, sign
@@ -130,10 +131,11 @@ async def _level(
 
     sender = None
     if client == "sender":  # any other client is the plain session
+        defaults = DeliveryConfig()
         sender = Sender(
             concurrency=concurrency,
-            max_response_bytes=65536,
-            excerpt_bytes=1024,
+            max_response_bytes=defaults.max_response_bytes,
+            excerpt_bytes=defaults.response_excerpt_bytes,
             allow_http=True,
             allow_private_networks=True,
         )

@@ -92,12 +92,13 @@ class Sender:
         self.max_response_bytes = max_response_bytes
         self.excerpt_bytes = excerpt_bytes
         self.allow_http = allow_http
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._connector = aiohttp.TCPConnector(
             limit=concurrency,
             limit_per_host=0,
             ttl_dns_cache=10,
             resolver=resolver,
-            ssl=ssl_context if ssl_context is not None else True,
+            ssl=self._ssl,
             socket_factory=None if allow_private_networks else guarded_socket_factory,
         )
         self.user_agent = user_agent or USER_AGENT
@@ -108,7 +109,6 @@ class Sender:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._urls: dict[str, URL] = {}
         # Requests under way and their deadlines (loop time); those the sweeper cancelled.
         self._deadlines: dict[asyncio.Task[object], float] = {}

@@ -155,12 +155,9 @@ def sign(
         if not event_id or _CONTROL.search(event_id):
             raise SigningError("event id must be non-empty and free of control characters")
         msg = f"{event_id}.{ts}.".encode() + body
-        if len(secrets) == 1:  # the usual case, without a generator and a join per attempt
-            signature = "v1," + base64.b64encode(_standard_mac(secrets[0], msg)).decode()
-        else:
-            signature = " ".join(
-                "v1," + base64.b64encode(_standard_mac(s, msg)).decode() for s in secrets
-            )
+        signature = " ".join(
+            "v1," + base64.b64encode(_standard_mac(s, msg)).decode() for s in secrets
+        )
         return {"webhook-id": event_id, "webhook-timestamp": ts, "webhook-signature": signature}
 
     header = profile._header()
