@@ -49,6 +49,8 @@ log = structlog.get_logger("dispatcher")
 BUSY_POLL = 0.002
 IDLE_AFTER = 0.5
 STALE_LISTENER_AFTER = 600.0
+# How often the pump refreshes its own `listeners` row and removes stale ones (seconds).
+HOUSEKEEPING_EVERY = 60.0
 # Requests at a time to an endpoint whose last recorded attempts failed, until one succeeds:
 # one that hangs would otherwise hold its whole cap of the global slots for a timeout at a
 # time, and failing faster with more requests helps nobody.
@@ -305,7 +307,11 @@ class Dispatcher:
                         if idle_marked:
                             await conn.execute(Q["set_listener_idle"], self.replica, False)
                             idle_marked = False
-                    if now - last_housekeeping > 60:
+                    if now - last_housekeeping > HOUSEKEEPING_EVERY:
+                        if idle_marked:
+                            # Still waiting: say so again, or the cleanup (ours or another
+                            # replica's) takes this row for a dead replica's.
+                            await conn.execute(Q["set_listener_idle"], self.replica, True)
                         await conn.execute(Q["remove_stale_listeners"], STALE_LISTENER_AFTER)
                         last_housekeeping = now
                     full = len(jobs) >= slots.free
@@ -320,7 +326,8 @@ class Dispatcher:
                         idle_marked = True
                         wait_for = 0.0
                     else:
-                        wait_for = await self._seconds_until_due(conn)
+                        # At least every HOUSEKEEPING_EVERY, however long the poll interval.
+                        wait_for = min(await self._seconds_until_due(conn), HOUSEKEEPING_EVERY)
                 db_failures = 0
                 self.database_ok = True
             except TRANSIENT_DB_ERRORS as exc:

@@ -6,11 +6,14 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+import pytest
 import standardwebhooks
 import stripe
 import structlog
 
+from dispatcher import daemon as daemon_module
 from tests.conftest import Db, Receiver, RunningDaemon, wait_until
 
 
@@ -32,6 +35,33 @@ async def test_inserted_events_arrive_signed_at_the_subscribed_endpoint(
         payload = wh.verify(r.body, r.headers)
         assert payload["type"] == "points.earned"
         assert payload["tenant"] == "shop-1"
+
+
+async def test_a_dispatcher_idle_for_longer_than_the_stale_limit_is_still_woken_by_an_insert(
+    db: Db,
+    receiver: Receiver,
+    daemon_factory: Callable[..., Awaitable[RunningDaemon]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(daemon_module, "HOUSEKEEPING_EVERY", 0.05)
+    await db.add_endpoint(receiver.url)
+    # A long poll: only a notification can bring the event in time.
+    await daemon_factory(
+        replace(db.config, delivery=replace(db.config.delivery, poll_interval=30.0))
+    )
+    await wait_until(
+        lambda: db.count("SELECT count(*) FROM listeners WHERE idle"), message="the daemon idle"
+    )
+    # As if it had waited an hour: the stale-listener cleanup must not take it for dead.
+    await db.conn.execute("UPDATE listeners SET seen_at = now() - interval '1 hour'")
+    await wait_until(
+        lambda: db.count(
+            "SELECT count(*) FROM listeners WHERE seen_at > now() - interval '1 minute'"
+        ),
+        message="the idle daemon's row refreshed",
+    )
+    await db.insert_events(1)
+    await wait_until(lambda: len(receiver.requests) == 1, timeout=3, message="the event sent")
 
 
 async def test_every_signing_profile_arrives_verifiable_by_the_receivers_own_recipe(

@@ -278,3 +278,72 @@ async def test_an_insert_refused_or_rolled_back_wakes_nobody(
     await tx.rollback()
     assert await db.count("SELECT count(*) FROM outbox") == 0
     assert await notifications.settle(db.conn) == []
+
+
+IDLE_COUNT = "SELECT coalesce(pg_sequence_last_value('idle_listeners'), 0)"
+
+
+async def test_the_idle_count_the_insert_trigger_reads_follows_the_listeners_table(db: Db) -> None:
+    assert await db.count(IDLE_COUNT) == 0
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true), ('r2', true)")
+    assert await db.count(IDLE_COUNT) == 2
+    await db.conn.execute("UPDATE listeners SET idle = false WHERE replica = 'r1'")
+    assert await db.count(IDLE_COUNT) == 1
+    await db.conn.execute("DELETE FROM listeners WHERE replica = 'r2'")
+    assert await db.count(IDLE_COUNT) == 0
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r3', true)")
+    await db.conn.execute("TRUNCATE listeners")
+    assert await db.count(IDLE_COUNT) == 0
+
+
+async def test_two_replicas_going_idle_at_once_are_both_counted(db: Db, pg_dsn: str) -> None:
+    # The second to commit must count the first's flag, not the snapshot it started with.
+    first, second = [await asyncpg.connect(pg_dsn) for _ in range(2)]
+    try:
+        for c in (first, second):
+            await c.execute(f'SET search_path TO "{db.schema}"')
+        tx = first.transaction()
+        await tx.start()
+        await first.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+        other = asyncio.ensure_future(
+            second.execute("INSERT INTO listeners (replica, idle) VALUES ('r2', true)")
+        )
+        pid = second.get_server_pid()
+
+        async def waiting_or_done() -> bool:
+            state = await db.conn.fetchval(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            return other.done() or state == "Lock"
+
+        await wait_until(waiting_or_done, message="the second replica's flag written")
+        await tx.commit()
+        await asyncio.wait_for(other, 5)
+        assert await db.count(IDLE_COUNT) == 2
+    finally:
+        for c in (first, second):
+            await c.close()
+
+
+async def test_a_backend_role_allowed_only_to_insert_wakes_an_idle_dispatcher(
+    db: Db, notifications: Notifications
+) -> None:
+    role = f"backend_{uuid.uuid4().hex[:8]}"
+    await db.conn.execute(f'CREATE ROLE "{role}"')
+    try:
+        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
+        await db.conn.execute(f'GRANT INSERT ON outbox TO "{role}"')
+        insert = (
+            f'SET ROLE "{role}";'
+            " INSERT INTO outbox (tenant, event_type, payload)"
+            " VALUES ('shop-1', 'points.earned', '{}');"
+            " RESET ROLE"
+        )
+        await db.conn.execute(insert)
+        await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+        await db.conn.execute(insert)
+        assert await notifications.settle(db.conn) == [""]
+    finally:
+        await db.conn.execute("RESET ROLE")
+        await db.conn.execute(f'DROP OWNED BY "{role}"')
+        await db.conn.execute(f'DROP ROLE "{role}"')
