@@ -414,6 +414,60 @@ async def test_cancelling_a_request_from_outside_still_cancels_it(
         await sender.close()
 
 
+async def test_a_header_holding_a_line_break_is_refused_and_nothing_is_sent(
+    raw: RawServers,
+) -> None:
+    arrived: list[bool] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append(True)
+
+    url = await raw.start(record)
+    sender = _sender()
+    try:
+        outcome = await sender.send(url, b"{}", {"X-Shop": "42\r\nX-Forged: 1"}, 5)
+        assert outcome.error == "connect_error"
+        assert outcome.detail == "a header name or value holds a line break"
+        # The server counts each request it reads; the next one is the first it sees.
+        await sender.send(url, b"{}", {"X-Shop": "42"}, 5)
+    finally:
+        await sender.close()
+    assert arrived == [True]
+
+
+async def test_a_body_larger_than_the_socket_buffers_reaches_a_slow_reader_whole() -> None:
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = bytearray()
+        while len(body) < length:
+            # A reader slower than the sender, so the request outgrows the socket's buffers.
+            body += await reader.read(65536)
+            await asyncio.sleep(0.001)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        received.set_result(bytes(body))
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    sender = _sender()
+    body = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    try:
+        outcome = await asyncio.wait_for(sender.send(url, body, {}, 30), 30)
+        assert (outcome.status_code, outcome.error) == (200, None)
+        assert await asyncio.wait_for(received, 5) == body
+    finally:
+        await sender.close()
+        server.close()
+
+
 @pytest.fixture
 async def hang_servers() -> AsyncIterator[RawServers]:
     servers = RawServers()
