@@ -70,7 +70,7 @@ def table(
     title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = ()
 ) -> str:
     """A plain-text table: numbers right-aligned under their headers, `left` columns not."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(

@@ -133,3 +133,9 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     assert _positive(data["summary"]["drain / sender loop"])
     assert _positive(data["summary"]["drain / peer"])
     assert "results:" in proc.stdout
+
+
+def test_a_run_whose_scenarios_all_failed_still_prints_its_summary() -> None:
+    from bench.report import summary_table
+
+    assert summary_table({}).splitlines()[0] == "summary"
