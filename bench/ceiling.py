@@ -1,7 +1,7 @@
 """Ceiling: a plain aiohttp loop POSTing signed bodies, the HTTP rate with no database work.
 
 Beside it, the same loop through the dispatcher's own sender (`dispatcher.sending.Sender`,
-which goes through aiohttp's request layer rather than `ClientSession.post`): how much of the
+which writes requests on aiohttp's connections rather than `ClientSession.post`): how much of the
 drain's distance to the ceiling is the HTTP client, and how much the dispatcher's other work."""
 
 from __future__ import annotations

@@ -18,15 +18,20 @@ GRANT SELECT ON SEQUENCE idle_listeners TO PUBLIC;
 CREATE FUNCTION count_idle_listeners() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    n_idle bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_SCHEMA || '.listeners'));
-    PERFORM setval(format('%I.idle_listeners', TG_TABLE_SCHEMA)::regclass,
-                   (SELECT count(*) FROM listeners WHERE idle), true);
+    EXECUTE format('SELECT count(*) FROM %I.listeners WHERE idle', TG_TABLE_SCHEMA) INTO n_idle;
+    PERFORM setval(format('%I.idle_listeners', TG_TABLE_SCHEMA)::regclass, n_idle, true);
     RETURN NULL;
 END
 $$;
--- The migration's search_path (this schema first) goes with the function: it runs rarely.
-ALTER FUNCTION count_idle_listeners() SET search_path FROM CURRENT;
+-- It runs as its owner (who ran the migration), so a daemon whose role was granted only the
+-- tables it writes keeps working after this upgrade. As a SECURITY DEFINER function it names
+-- every table with its schema and searches nothing else, so no one's temporary table can
+-- stand in for `listeners`.
+ALTER FUNCTION count_idle_listeners() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 CREATE TRIGGER listeners_count_idle AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON listeners
     FOR EACH STATEMENT EXECUTE FUNCTION count_idle_listeners();
 SELECT setval('idle_listeners', (SELECT count(*) FROM listeners WHERE idle), true);

@@ -347,3 +347,22 @@ async def test_a_backend_role_allowed_only_to_insert_wakes_an_idle_dispatcher(
         await db.conn.execute("RESET ROLE")
         await db.conn.execute(f'DROP OWNED BY "{role}"')
         await db.conn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_a_daemon_role_granted_only_the_listeners_table_can_still_register_idle(
+    db: Db,
+) -> None:
+    role = f"daemon_{uuid.uuid4().hex[:8]}"
+    await db.conn.execute(f'CREATE ROLE "{role}"')
+    try:
+        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
+        await db.conn.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON listeners TO "{role}"')
+        await db.conn.execute(
+            f"SET ROLE \"{role}\"; INSERT INTO listeners (replica, idle) VALUES ('r1', true);"
+            " RESET ROLE"
+        )
+        assert await db.count(IDLE_COUNT) == 1
+    finally:
+        await db.conn.execute("RESET ROLE")
+        await db.conn.execute(f'DROP OWNED BY "{role}"')
+        await db.conn.execute(f'DROP ROLE "{role}"')
