@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
+from bench import procs
 from bench.harness import (
     EVENT_TYPE,
     TENANT,
@@ -102,6 +103,37 @@ class LatencyResult:
     points: list[LatencyPoint]
 
 
+# PostgreSQL's CPU split by who asked for it: the producers' backends (the backend's inserts
+# and their commits, which also write and flush the WAL of everything before them) and the
+# dispatcher's. Backends are told apart by application_name (bench.harness and dispatcher.db
+# set it); the rest (checkpointer, WAL writer, ...) is what remains of "pg".
+_BACKENDS = (
+    "SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'"
+)
+_SPLIT = {"bench": "pg_inserts", "webhook-dispatcher": "pg_dispatcher"}
+
+
+async def _pg_cpu_by_client(conn: asyncpg.Connection) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every client backend whose application we know, by pid."""
+    out: dict[int, tuple[str, float]] = {}
+    for r in await conn.fetch(_BACKENDS):
+        name = _SPLIT.get(r["application_name"])
+        seconds = procs.cpu_seconds(r["pid"], tree=False) if name else None
+        if name is not None and seconds is not None:
+            out[r["pid"]] = (name, seconds)
+    return out
+
+
+def _pg_split(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
+) -> dict[str, float]:
+    """Cores each client's backends used between two readings (one that ended is left out)."""
+    used = dict.fromkeys(_SPLIT.values(), 0.0)
+    for pid, (name, seconds) in after.items():
+        used[name] += seconds - before.get(pid, (name, seconds))[1]
+    return {name: round(v / max(wall, 1e-9), 3) for name, v in used.items()}
+
+
 async def run_latency(
     ctx: Context, fractions: list[float], seconds: float, drain_rate: float, source: str
 ) -> LatencyResult:
@@ -120,12 +152,17 @@ async def run_latency(
                 await asyncio.sleep(SETTLE_S)
                 rate = max(1.0, fraction * drain_rate)
                 meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
+                pg_before = await _pg_cpu_by_client(conn)
+                started = time.monotonic()
                 meter.start()
                 first = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
                 achieved, n = await produce(producers, rate, seconds)
                 last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox")
                 await wait_delivered(conn, daemon.check_alive, first, last, n, drain_rate)
                 cores = meter.cores()
+                cores |= _pg_split(
+                    pg_before, await _pg_cpu_by_client(conn), time.monotonic() - started
+                )
                 row = await conn.fetchrow(STATS, first, last)
                 assert row is not None
                 stages = await conn.fetchrow(STAGES, first, last)

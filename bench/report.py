@@ -21,6 +21,8 @@ from bench.replicas import ReplicasResult
 from bench.scale import ScaleResult
 
 _SHORT = {"dispatcher": "disp", "postgres": "pg", "receiver": "recv", "bench": "bench"}
+# PostgreSQL's CPU split by client (the latency scenario): shown inside the "pg" figure.
+_PG_SPLIT = {"pg_inserts": "inserts", "pg_dispatcher": "dispatcher"}
 _PACKAGES = ("loyalty-webhook-dispatcher", "aiohttp", "asyncpg", "uvloop", "orjson")
 
 
@@ -86,7 +88,16 @@ def _n(x: float | None, digits: int = 0) -> str:
 
 
 def _cores(cores: dict[str, float]) -> str:
-    return " ".join(f"{_SHORT.get(k, k)} {v:.2f}" for k, v in cores.items())
+    parts = []
+    for k, v in cores.items():
+        if k in _PG_SPLIT:
+            continue
+        part = f"{_SHORT.get(k, k)} {v:.2f}"
+        split = [f"{name} {cores[key]:.2f}" for key, name in _PG_SPLIT.items() if key in cores]
+        if k == "postgres" and split:
+            part += f" ({' + '.join(split)})"
+        parts.append(part)
+    return " ".join(parts)
 
 
 def ceiling_table(r: CeilingResult, receiver: str) -> str:

@@ -62,6 +62,11 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
             assert _positive(p[key]), (p["load"], key)
         assert set(p["stages_ms"]) == {"to_fan_out", "fan_out_to_send", "http", "to_recorded"}
         assert _positive(p["stages_ms"]["to_fan_out"][0]), p["load"]
+        # PostgreSQL's CPU split between the producers' backends and the dispatcher's (at the
+        # smoke run's low rates a 1 s phase may use less than /proc's 10 ms tick).
+        assert p["cores"]["pg_inserts"] >= 0, p["load"]
+        assert p["cores"]["pg_dispatcher"] >= 0, p["load"]
+    assert _positive(points[-1]["cores"]["pg_inserts"] + points[-1]["cores"]["pg_dispatcher"])
 
     cells = scenarios["backend_cost"]["cells"]
     assert {(c["producers"], c["mode"]) for c in cells} == {
