@@ -432,6 +432,9 @@ def _validate(c: Config) -> None:
         raise bad("[delivery] poll_interval", "must be between 1ms and 60s")
     if not 0 <= d.flush_interval <= 5:
         raise bad("[delivery] flush_interval", "must be between 0s and 5s")
+    if len(d.user_agent) > 200 or not all(" " <= ch <= "~" for ch in d.user_agent):
+        # It goes into every request's head as it is.
+        raise bad("[delivery] user_agent", "must be at most 200 printable ASCII characters")
     if d.ordered_after_failure not in ORDERED_AFTER_FAILURE:
         raise bad("[delivery] ordered_after_failure", "must be move_on or block")
     if not 0 <= c.retry.jitter < 1:

@@ -467,6 +467,16 @@ def test_max_lag_zero_turns_the_lag_check_off_and_the_bounds_are_named() -> None
         load_config(None, environ={"DISPATCHER_LOG_SUMMARY_INTERVAL": "0s"})
 
 
+def test_a_user_agent_that_could_split_a_request_is_refused() -> None:
+    ok = load_config(None, environ={"DISPATCHER_DELIVERY_USER_AGENT": "acme-loyalty/2.1"})
+    assert ok.delivery.user_agent == "acme-loyalty/2.1"
+    for bad in ("acme\r\nX-Forged: 1", "x" * 201):
+        with pytest.raises(
+            ConfigError, match=r"\[delivery\] user_agent: must be at most 200 printable ASCII"
+        ):
+            load_config(None, environ={"DISPATCHER_DELIVERY_USER_AGENT": bad})
+
+
 # Arbitrary input -------------------------------------------------------------------------------
 
 _KNOWN_KEYS = sorted({(s, f.name) for s in SECTIONS for f in fields(getattr(Config(), s))})
