@@ -161,6 +161,22 @@ async def test_the_default_event_id_is_evt_and_32_hex_digits_and_unique(db: Db) 
     assert len(set(ids)) == 50
 
 
+async def test_default_event_ids_begin_with_the_insert_time_so_they_sort_in_insert_order(
+    db: Db,
+) -> None:
+    # In insert order, new ids go to the right edge of the event_id index, not all over it.
+    ms = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+    before = await db.count(ms)
+    for _ in range(5):
+        await db.insert_events(3)
+    after = await db.count(ms)
+    ids = [r["event_id"] for r in await db.conn.fetch("SELECT event_id FROM outbox ORDER BY seq")]
+    stamps = [int(i[4:16], 16) for i in ids]
+    assert before <= stamps[0]
+    assert stamps == sorted(stamps)
+    assert stamps[-1] <= after
+
+
 # Constraints ------------------------------------------------------------------------------------
 
 
