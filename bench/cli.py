@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--duration", type=_positive, default=10.0, help="seconds per latency rate")
     p.add_argument("--ceiling-seconds", type=_positive, default=5.0, help="per concurrency")
     p.add_argument("--insert-seconds", type=_positive, default=4.0, help="per backend-cost run")
-    p.add_argument("--insert-rounds", type=int, default=3, help="backend-cost runs per cell (3)")
+    p.add_argument("--insert-rounds", type=int, default=5, help="backend-cost runs per cell (5)")
     p.add_argument(
         "--concurrency", type=_int_list, default=[16, 64, 256], help="ceiling: 16,64,256"
     )
@@ -488,7 +488,8 @@ def _more_summary(
     """Headline ratios of the scale, fairness and replicas scenarios."""
     out: dict[str, float | None] = {}
     if scale is not None:
-        large, small = count_label(scale.runs[-1].events), count_label(scale.runs[0].events)
+        sizes = [r.events for r in scale.runs]
+        large, small = count_label(max(sizes)), count_label(min(sizes))
         out[f"scale: {large} / {small} rate"] = scale.rate_ratio
         out["scale: peak RSS MB"] = scale.large_peak_rss_mb
     if fairness is not None:
