@@ -13,8 +13,9 @@ GRANT SELECT ON SEQUENCE idle_listeners TO PUBLIC;
 
 -- Recounted after every change to `listeners`, under a lock per schema, so that of two
 -- replicas changing their flags at once the second to commit counts the first's change too.
--- A setval is not undone by a rollback; the next change (each replica rewrites its row at
--- least every minute) counts again.
+-- A setval is not undone by a rollback; the next statement on `listeners` counts again, and
+-- each replica's cleanup of stale rows runs one every minute (a statement trigger fires even
+-- when no row is deleted).
 CREATE FUNCTION count_idle_listeners() RETURNS trigger
 LANGUAGE plpgsql
 AS $$

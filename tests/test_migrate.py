@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from dispatcher.config import DatabaseConfig
-from dispatcher.db import check_schema, connect_kwargs, migrate, migrations
+from dispatcher.db import Q, check_schema, connect_kwargs, migrate, migrations
 from tests.conftest import Db, wait_until
 
 # SPEC section 1: the names the backend relies on (more columns may exist).
@@ -309,6 +309,13 @@ async def test_the_idle_count_the_insert_trigger_reads_follows_the_listeners_tab
     assert await db.count(IDLE_COUNT) == 0
     await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r3', true)")
     await db.conn.execute("TRUNCATE listeners")
+    assert await db.count(IDLE_COUNT) == 0
+
+
+async def test_a_wrong_idle_count_is_put_right_by_the_next_stale_listener_cleanup(db: Db) -> None:
+    # As after a transaction that set the count and then rolled back.
+    await db.conn.execute("SELECT setval('idle_listeners', 5)")
+    await db.conn.execute(Q["remove_stale_listeners"], 600.0)
     assert await db.count(IDLE_COUNT) == 0
 
 
