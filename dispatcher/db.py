@@ -48,6 +48,10 @@ def connect_kwargs(config: DatabaseConfig) -> dict[str, Any]:
         "server_settings": {
             "search_path": f'"{config.schema}"',
             "application_name": "webhook-dispatcher",
+            # Every statement is written for READ COMMITTED (a fresh snapshot per statement,
+            # SKIP LOCKED claims, the idle count's recount after its lock), whatever the
+            # database's or role's default isolation.
+            "default_transaction_isolation": "read committed",
         },
     }
     if config.password_file:

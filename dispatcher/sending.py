@@ -222,8 +222,8 @@ class Sender:
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """One POST on a connection from aiohttp's connector, its response read by aiohttp's
-        parser, the request itself written as one buffer. The connector still opens, checks
-        (the address policy) and reuses every connection. aiohttp's request layer does work a
+        parser, the request itself handed to the transport at once. The connector still opens,
+        checks (the address policy) and reuses every connection. aiohttp's request layer does work a
         webhook never needs: the session's redirects, cookies, proxies, traces and timers were a
         third of the client's CPU per request, and ClientRequest's header and body writers
         (with a task per request for the body) half of what was left."""
@@ -235,7 +235,7 @@ class Sender:
             # Endpoints' headers are checked where they are loaded; this keeps any other
             # caller from splitting a request.
             raise ValueError("a header name or value holds a line break")
-        data = f"{target.head}{block}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        head = f"{target.head}{block}Content-Length: {len(body)}\r\n\r\n".encode()
         conn = await self._connector.connect(target.request, [], _NO_TIMEOUT)
         try:
             protocol = conn.protocol
@@ -244,9 +244,13 @@ class Sender:
             if transport is None or transport.is_closing():
                 raise aiohttp.ClientConnectionResetError("the connection closed before the request")
             protocol.set_response_params(read_until_eof=True, auto_decompress=False)
-            transport.write(data)
-            if protocol.writing_paused:
-                await protocol._drain_helper()  # a large body to a slow reader: wait for room
+            transport.writelines((head, body))
+            if transport.get_write_buffer_size():
+                # The socket did not take it all: the transport sends the rest while the answer
+                # is read, since a receiver may answer (413, 410) before it reads the whole
+                # body. Such a connection is not used again: bytes of this request may still
+                # be queued on it when the answer is complete.
+                protocol.force_close()
             resp = aiohttp.ClientResponse(
                 "POST",
                 target.url,

@@ -16,23 +16,35 @@ GRANT SELECT ON SEQUENCE idle_listeners TO PUBLIC;
 -- A setval is not undone by a rollback; the next statement on `listeners` counts again, and
 -- each replica's cleanup of stale rows runs one every minute (a statement trigger fires even
 -- when no row is deleted).
-CREATE FUNCTION count_idle_listeners() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    n_idle bigint;
+-- The schema is written into the body here, at migration time (as in 002), and the function
+-- refuses to run for any other table: it is SECURITY DEFINER (below), and must not be a way to
+-- run anything as its owner for whoever attaches it to a table of their own.
+DO $do$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext(TG_TABLE_SCHEMA || '.listeners'));
-    EXECUTE format('SELECT count(*) FROM %I.listeners WHERE idle', TG_TABLE_SCHEMA) INTO n_idle;
-    PERFORM setval(format('%I.idle_listeners', TG_TABLE_SCHEMA)::regclass, n_idle, true);
-    RETURN NULL;
+    EXECUTE format($fn$
+        CREATE FUNCTION count_idle_listeners() RETURNS trigger
+        LANGUAGE plpgsql
+        AS $body$
+        BEGIN
+            IF TG_RELID <> %1$L::regclass THEN
+                RAISE EXCEPTION 'count_idle_listeners() serves %% only', %1$L;
+            END IF;
+            PERFORM pg_advisory_xact_lock(hashtext(%2$L));
+            PERFORM setval(%3$L::regclass,
+                           (SELECT count(*) FROM %4$I.listeners WHERE idle), true);
+            RETURN NULL;
+        END
+        $body$
+    $fn$, format('%I.listeners', current_schema()), current_schema() || '.listeners',
+       format('%I.idle_listeners', current_schema()), current_schema());
 END
-$$;
+$do$;
 -- It runs as its owner (who ran the migration), so a daemon whose role was granted only the
--- tables it writes keeps working after this upgrade. As a SECURITY DEFINER function it names
--- every table with its schema and searches nothing else, so no one's temporary table can
--- stand in for `listeners`.
+-- tables it writes keeps working after this upgrade. Every table in it is named with its
+-- schema and nothing else is searched, so no temporary table can stand in for `listeners`;
+-- and no one but its owner may attach it to a trigger (the one below keeps firing).
 ALTER FUNCTION count_idle_listeners() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE EXECUTE ON FUNCTION count_idle_listeners() FROM PUBLIC;
 CREATE TRIGGER listeners_count_idle AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON listeners
     FOR EACH STATEMENT EXECUTE FUNCTION count_idle_listeners();
 SELECT setval('idle_listeners', (SELECT count(*) FROM listeners WHERE idle), true);

@@ -468,6 +468,43 @@ async def test_a_body_larger_than_the_socket_buffers_reaches_a_slow_reader_whole
         server.close()
 
 
+@pytest.mark.parametrize("then_close", [False, True], ids=["then-stops-reading", "then-closes"])
+async def test_an_answer_sent_before_a_large_body_is_read_is_the_outcome_and_the_next_request_works(
+    then_close: bool,
+) -> None:
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if length <= 1024:
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                continue
+            # Refused on its headers alone; the body is never read.
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+            await writer.drain()
+            if then_close:
+                writer.close()
+                return
+            await asyncio.Event().wait()
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    sender = _sender()
+    try:
+        big = await asyncio.wait_for(sender.send(url, b"x" * (16 * 1024 * 1024), {}, 30), 30)
+        assert (big.status_code, big.error, big.excerpt) == (413, "http_error", "big")
+        small = await asyncio.wait_for(sender.send(url, b"{}", {}, 5), 10)
+        assert (small.status_code, small.error) == (200, None)
+    finally:
+        await sender.close()
+        server.close()
+
+
 @pytest.fixture
 async def hang_servers() -> AsyncIterator[RawServers]:
     servers = RawServers()

@@ -372,6 +372,55 @@ async def test_a_backend_role_allowed_only_to_insert_wakes_an_idle_dispatcher(
         await db.conn.execute(f'DROP ROLE "{role}"')
 
 
+async def test_the_dispatchers_connections_read_committed_whatever_the_roles_default(
+    db: Db, pg_dsn: str
+) -> None:
+    role = f"daemon_{uuid.uuid4().hex[:8]}"
+    await db.conn.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    await db.conn.execute(
+        f"ALTER ROLE \"{role}\" SET default_transaction_isolation = 'repeatable read'"
+    )
+    try:
+        ours = await asyncpg.connect(**connect_kwargs(db.config.database), user=role)
+        plain = await asyncpg.connect(pg_dsn, user=role)
+        try:
+            assert await ours.fetchval("SHOW transaction_isolation") == "read committed"
+            assert await plain.fetchval("SHOW transaction_isolation") == "repeatable read"
+        finally:
+            await ours.close()
+            await plain.close()
+    finally:
+        await db.conn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_no_other_role_can_attach_the_idle_counter_which_runs_as_its_owner(db: Db) -> None:
+    role = f"backend_{uuid.uuid4().hex[:8]}"
+    await db.conn.execute(f'CREATE ROLE "{role}"')
+    try:
+        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
+        await db.conn.execute(f'SET ROLE "{role}"')
+        await db.conn.execute("CREATE TEMP TABLE mine (idle boolean)")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.conn.execute(
+                "CREATE TRIGGER t AFTER INSERT ON mine"
+                f' FOR EACH STATEMENT EXECUTE FUNCTION "{db.schema}".count_idle_listeners()'
+            )
+        await db.conn.execute("RESET ROLE")
+        # Nor does it do anything for a table other than listeners, whoever attaches it.
+        await db.conn.execute("CREATE TEMP TABLE theirs (idle boolean)")
+        await db.conn.execute(
+            "CREATE TRIGGER t AFTER INSERT ON theirs"
+            " FOR EACH STATEMENT EXECUTE FUNCTION count_idle_listeners()"
+        )
+        with pytest.raises(asyncpg.RaiseError, match=r"serves .*listeners only"):
+            await db.conn.execute("INSERT INTO theirs VALUES (true)")
+    finally:
+        await db.conn.execute("RESET ROLE")
+        await db.conn.execute("DROP TABLE IF EXISTS pg_temp.theirs, pg_temp.mine")
+        await db.conn.execute(f'DROP OWNED BY "{role}"')
+        await db.conn.execute(f'DROP ROLE "{role}"')
+
+
 async def test_a_daemon_role_granted_only_the_listeners_table_can_still_register_idle(
     db: Db,
 ) -> None:
