@@ -153,6 +153,10 @@ def migrations() -> list[Migration]:
     return found
 
 
+# How long a migration waits for a table lock before giving up (ms).
+MIGRATION_LOCK_TIMEOUT_MS = 3000
+
+
 async def migrate(config: DatabaseConfig, *, max_payload_bytes: int | None = None) -> list[str]:
     """Apply every migration not yet recorded, then set the outbox's payload limit if given
     (None leaves it as it is); safe to run twice and from two hosts at once."""
@@ -164,6 +168,11 @@ async def migrate(config: DatabaseConfig, *, max_payload_bytes: int | None = Non
         # winner's rows in schema_migrations and has nothing left to do.
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"dispatcher.migrate.{schema}")
         try:
+            # A migration that must lock a table another transaction holds (a backend's long
+            # one) gives up after this, rather than wait for it with every insert queued
+            # behind the lock it waits for. (Set after the advisory lock, which may be waited
+            # for as long as another migrator takes.)
+            await conn.execute(f"SET lock_timeout = '{MIGRATION_LOCK_TIMEOUT_MS}ms'")
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             await conn.execute(
                 f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
@@ -177,14 +186,21 @@ async def migrate(config: DatabaseConfig, *, max_payload_bytes: int | None = Non
             for m in migrations():
                 if m.version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute(f'SET LOCAL search_path TO "{schema}", pg_catalog')
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        m.version,
-                        m.name,
-                    )
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f'SET LOCAL search_path TO "{schema}", pg_catalog')
+                        await conn.execute(m.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            m.version,
+                            m.name,
+                        )
+                except asyncpg.LockNotAvailableError:
+                    raise DatabaseError(
+                        f"migration {m.name} waited {MIGRATION_LOCK_TIMEOUT_MS / 1000:g}s for a"
+                        " table another transaction holds (a long-running one?); nothing of it"
+                        " was applied: run migrate again"
+                    ) from None
                 applied.append(m.name)
             if max_payload_bytes is not None:
                 changed = await _set_payload_limit(conn, schema, max_payload_bytes)

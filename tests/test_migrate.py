@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from dispatcher.config import DatabaseConfig
-from dispatcher.db import Q, check_schema, connect_kwargs, migrate, migrations
+from dispatcher.db import DatabaseError, Q, check_schema, connect_kwargs, migrate, migrations
 from tests.conftest import Db, wait_until
 
 # SPEC section 1: the names the backend relies on (more columns may exist).
@@ -438,3 +438,37 @@ async def test_a_daemon_role_granted_only_the_listeners_table_can_still_register
         await db.conn.execute("RESET ROLE")
         await db.conn.execute(f'DROP OWNED BY "{role}"')
         await db.conn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_a_migration_that_cannot_get_its_lock_gives_up_and_lets_the_backend_insert(
+    db: Db, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatcher import db as db_module
+
+    monkeypatch.setattr(db_module, "MIGRATION_LOCK_TIMEOUT_MS", 300)
+    # As if 012 (which alters the outbox) were still to apply, while a backend's long
+    # transaction has an insert open.
+    await db.conn.execute("DELETE FROM schema_migrations WHERE version = 12")
+    backend, other = [await asyncpg.connect(**connect_kwargs(db.config.database)) for _ in "ab"]
+    try:
+        tx = backend.transaction()
+        await tx.start()
+        await backend.execute(
+            "INSERT INTO outbox (tenant, event_type, payload)"
+            " VALUES ('shop-1', 'points.earned', '{}')"
+        )
+        with pytest.raises(DatabaseError, match=r"012_time_ordered_event_ids waited 0\.3s"):
+            await asyncio.wait_for(migrate(db.config.database), 10)
+        # Nothing is left queued on the outbox: another insert goes through.
+        await asyncio.wait_for(
+            other.execute(
+                "INSERT INTO outbox (tenant, event_type, payload)"
+                " VALUES ('shop-1', 'points.earned', '{}')"
+            ),
+            5,
+        )
+        await tx.commit()
+        assert await migrate(db.config.database) == ["012_time_ordered_event_ids"]
+    finally:
+        await backend.close()
+        await other.close()
