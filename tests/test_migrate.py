@@ -348,28 +348,34 @@ async def test_two_replicas_going_idle_at_once_are_both_counted(db: Db, pg_dsn: 
             await c.close()
 
 
-async def test_a_backend_role_allowed_only_to_insert_wakes_an_idle_dispatcher(
-    db: Db, notifications: Notifications
-) -> None:
-    role = f"backend_{uuid.uuid4().hex[:8]}"
-    await db.conn.execute(f'CREATE ROLE "{role}"')
+@pytest.fixture
+async def role(db: Db) -> AsyncIterator[str]:
+    """A new role allowed to use the test's schema and nothing more; dropped afterwards."""
+    name = f"role_{uuid.uuid4().hex[:8]}"
+    await db.conn.execute(f'CREATE ROLE "{name}"')
+    await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{name}"')
     try:
-        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
-        await db.conn.execute(f'GRANT INSERT ON outbox TO "{role}"')
-        insert = (
-            f'SET ROLE "{role}";'
-            " INSERT INTO outbox (tenant, event_type, payload)"
-            " VALUES ('shop-1', 'points.earned', '{}');"
-            " RESET ROLE"
-        )
-        await db.conn.execute(insert)
-        await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
-        await db.conn.execute(insert)
-        assert await notifications.settle(db.conn) == [""]
+        yield name
     finally:
         await db.conn.execute("RESET ROLE")
-        await db.conn.execute(f'DROP OWNED BY "{role}"')
-        await db.conn.execute(f'DROP ROLE "{role}"')
+        await db.conn.execute(f'DROP OWNED BY "{name}"')
+        await db.conn.execute(f'DROP ROLE "{name}"')
+
+
+async def test_a_backend_role_allowed_only_to_insert_wakes_an_idle_dispatcher(
+    db: Db, notifications: Notifications, role: str
+) -> None:
+    await db.conn.execute(f'GRANT INSERT ON outbox TO "{role}"')
+    insert = (
+        f'SET ROLE "{role}";'
+        " INSERT INTO outbox (tenant, event_type, payload)"
+        " VALUES ('shop-1', 'points.earned', '{}');"
+        " RESET ROLE"
+    )
+    await db.conn.execute(insert)
+    await db.conn.execute("INSERT INTO listeners (replica, idle) VALUES ('r1', true)")
+    await db.conn.execute(insert)
+    assert await notifications.settle(db.conn) == [""]
 
 
 async def test_the_dispatchers_connections_read_committed_whatever_the_roles_default(
@@ -393,11 +399,10 @@ async def test_the_dispatchers_connections_read_committed_whatever_the_roles_def
         await db.conn.execute(f'DROP ROLE "{role}"')
 
 
-async def test_no_other_role_can_attach_the_idle_counter_which_runs_as_its_owner(db: Db) -> None:
-    role = f"backend_{uuid.uuid4().hex[:8]}"
-    await db.conn.execute(f'CREATE ROLE "{role}"')
+async def test_no_other_role_can_attach_the_idle_counter_which_runs_as_its_owner(
+    db: Db, role: str
+) -> None:
     try:
-        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
         await db.conn.execute(f'SET ROLE "{role}"')
         await db.conn.execute("CREATE TEMP TABLE mine (idle boolean)")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -417,27 +422,17 @@ async def test_no_other_role_can_attach_the_idle_counter_which_runs_as_its_owner
     finally:
         await db.conn.execute("RESET ROLE")
         await db.conn.execute("DROP TABLE IF EXISTS pg_temp.theirs, pg_temp.mine")
-        await db.conn.execute(f'DROP OWNED BY "{role}"')
-        await db.conn.execute(f'DROP ROLE "{role}"')
 
 
 async def test_a_daemon_role_granted_only_the_listeners_table_can_still_register_idle(
-    db: Db,
+    db: Db, role: str
 ) -> None:
-    role = f"daemon_{uuid.uuid4().hex[:8]}"
-    await db.conn.execute(f'CREATE ROLE "{role}"')
-    try:
-        await db.conn.execute(f'GRANT USAGE ON SCHEMA "{db.schema}" TO "{role}"')
-        await db.conn.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON listeners TO "{role}"')
-        await db.conn.execute(
-            f"SET ROLE \"{role}\"; INSERT INTO listeners (replica, idle) VALUES ('r1', true);"
-            " RESET ROLE"
-        )
-        assert await db.count(IDLE_COUNT) == 1
-    finally:
-        await db.conn.execute("RESET ROLE")
-        await db.conn.execute(f'DROP OWNED BY "{role}"')
-        await db.conn.execute(f'DROP ROLE "{role}"')
+    await db.conn.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON listeners TO "{role}"')
+    await db.conn.execute(
+        f"SET ROLE \"{role}\"; INSERT INTO listeners (replica, idle) VALUES ('r1', true);"
+        " RESET ROLE"
+    )
+    assert await db.count(IDLE_COUNT) == 1
 
 
 async def test_a_migration_that_cannot_get_its_lock_gives_up_and_lets_the_backend_insert(
