@@ -127,7 +127,8 @@ async def _pg_cpu_by_client(conn: asyncpg.Connection) -> dict[int, tuple[str, fl
 def _pg_split(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
 ) -> dict[str, float]:
-    """Cores each client's backends used between two readings (one that ended is left out)."""
+    """Cores each client's backends used between two readings; a backend seen in only one of
+    them counts nothing."""
     used = dict.fromkeys(_SPLIT.values(), 0.0)
     for pid, (name, seconds) in after.items():
         used[name] += seconds - before.get(pid, (name, seconds))[1]

@@ -88,15 +88,12 @@ def _n(x: float | None, digits: int = 0) -> str:
 
 
 def _cores(cores: dict[str, float]) -> str:
-    parts = []
-    for k, v in cores.items():
-        if k in _PG_SPLIT:
-            continue
-        part = f"{_SHORT.get(k, k)} {v:.2f}"
-        split = [f"{name} {cores[key]:.2f}" for key, name in _PG_SPLIT.items() if key in cores]
-        if k == "postgres" and split:
-            part += f" ({' + '.join(split)})"
-        parts.append(part)
+    split = " + ".join(f"{name} {cores[k]:.2f}" for k, name in _PG_SPLIT.items() if k in cores)
+    parts = [
+        f"{_SHORT.get(k, k)} {v:.2f}" + (f" ({split})" if k == "postgres" and split else "")
+        for k, v in cores.items()
+        if k not in _PG_SPLIT
+    ]
     return " ".join(parts)
 
 

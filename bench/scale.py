@@ -11,7 +11,8 @@ from bench.harness import Context
 
 @dataclass
 class ScaleResult:
-    """One drain per backlog size, smallest first, and how the largest compares."""
+    """The drains of each backlog size (the smallest several times) and how the largest
+    compares."""
 
     runs: list[DrainResult]
     """In the order run: the smallest backlog twice, each larger one, the smallest again."""
