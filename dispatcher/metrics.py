@@ -31,6 +31,9 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("webhook_requests_in_flight", "Requests in flight", registry=r)
+        self.unrecorded = Gauge(
+            "webhook_results_unrecorded", "Attempts sent, waiting to be recorded", registry=r
+        )
         self.endpoints_disabled = Counter(
             "webhook_endpoints_disabled", "Endpoints disabled by the dispatcher", registry=r
         )

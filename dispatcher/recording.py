@@ -91,10 +91,17 @@ class ResultWriter:
         self._buffer: list[Result] = []
         self._has_items = asyncio.Event()
         self._full = asyncio.Event()
+        # Set after each batch written: the pump waits on it while too much is unrecorded.
+        self.progress = asyncio.Event()
         self.recorded = 0
         self._lock = (
             asyncio.Lock()
         )  # the flusher and a shutdown drain must not write one batch twice
+
+    @property
+    def pending(self) -> int:
+        """Results sent and not yet recorded (their rows still say `delivering`)."""
+        return len(self._buffer)
 
     @property
     def failing(self) -> set[int]:
@@ -167,6 +174,7 @@ class ResultWriter:
                     await self._write_each(batch)
                 del self._buffer[: len(batch)]
                 self.recorded += len(batch)
+                self.progress.set()
             self._has_items.clear()
             self._full.clear()
 

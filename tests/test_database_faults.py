@@ -22,6 +22,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from dispatcher import daemon as daemon_module
 from dispatcher.config import Config, HttpConfig, RetentionConfig
 from dispatcher.daemon import Dispatcher
 from dispatcher.db import connect_kwargs, migrate
@@ -290,6 +291,52 @@ async def test_a_burst_through_a_pool_of_two_connections_completes_without_deadl
     assert most <= 3, most
     assert not [e for e in logged if e["log_level"] in ("error", "critical")]
     assert daemon.dispatcher.database_ok
+
+
+async def test_while_results_cannot_be_recorded_the_daemon_stops_claiming_after_one_round(
+    db: Db, receiver: Receiver, daemon_factory: Daemons, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer held up (here by a lock on the attempt log) must not let the pump claim and send
+    on: every result unrecorded is a request a crash would send again."""
+    monkeypatch.setattr(daemon_module, "PAUSE_WARN_AFTER", 0.05)
+    await db.add_endpoint(receiver.url)
+    concurrency = 8
+    config = replace(
+        db.config, delivery=replace(db.config.delivery, concurrency=concurrency, batch_size=4)
+    )
+    blocker = await asyncpg.connect(db.config.database.dsn)
+    try:
+        with structlog.testing.capture_logs() as logged:
+            daemon = await daemon_factory(config)
+            d = daemon.dispatcher
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute(f'LOCK TABLE "{db.schema}".attempts IN SHARE MODE')
+            ids = await db.insert_events(200)
+            await wait_until(
+                lambda: any(e["event"] == "claims_paused" for e in logged),
+                message="claims paused",
+            )
+            await wait_until(lambda: d.in_flight == 0, message="requests in flight finished")
+            # The results waiting (up to twice the concurrency) and one round in flight, at
+            # most: the rest stay unsent.
+            assert len(receiver.requests) <= 3 * concurrency, len(receiver.requests)
+            delivering = await db.count(
+                "SELECT count(*) FROM deliveries WHERE status = 'delivering'"
+            )
+            assert delivering <= 3 * concurrency, delivering
+            gauge = d.metrics.registry.get_sample_value("webhook_results_unrecorded")
+            assert gauge is not None
+            assert gauge >= 2 * concurrency
+            await tx.rollback()
+
+            async def all_done() -> bool:
+                return await succeeded(db) == len(ids)
+
+            await wait_until(all_done, timeout=20, message="every delivery once the lock is gone")
+    finally:
+        await blocker.close()
+    assert sorted(set(receiver.event_ids())) == sorted(ids)
 
 
 async def test_a_snapshot_held_open_elsewhere_does_not_stop_deliveries(
