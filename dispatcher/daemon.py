@@ -345,6 +345,8 @@ class Dispatcher:
                     else:
                         # At least every HOUSEKEEPING_EVERY, however long the poll interval.
                         wait_for = min(await self._seconds_until_due(conn), HOUSEKEEPING_EVERY)
+                if db_failures:
+                    self.writer.database_back()
                 db_failures = 0
                 self.database_ok = True
             except TRANSIENT_DB_ERRORS as exc:

@@ -93,6 +93,7 @@ class ResultWriter:
         self._full = asyncio.Event()
         # Set after each batch written: the pump waits on it while too much is unrecorded.
         self.progress = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self.recorded = 0
         self._lock = (
             asyncio.Lock()
@@ -151,7 +152,14 @@ class ResultWriter:
                     pending_results=len(self._buffer),
                     retry_in_s=round(delay, 2),
                 )
-                await asyncio.sleep(delay)
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+
+    def database_back(self) -> None:
+        """Another connection reached the database again: end a backoff now, since the pump
+        pauses while results wait, and would otherwise wait out the writer's (up to 5 s)."""
+        self._retry_now.set()
 
     async def drain(self, deadline: float) -> int:
         """Flush everything before `deadline` (monotonic); returns how many stayed unrecorded."""
