@@ -129,9 +129,16 @@ class Dispatcher:
             config.database,
             f"{config.database.schema}.outbox",
             self._wake.set,
-            on_reconnect=self.metrics.listener_reconnects.inc,
+            on_reconnect=self._listener_back,
         )
         self.database_ok = False
+
+    def _listener_back(self) -> None:
+        """The LISTEN connection is up again: the database is back, so the writer need not
+        sit out the rest of its backoff (the pump, paused while results wait, cannot tell it)."""
+        self.metrics.listener_reconnects.inc()
+        if hasattr(self, "writer"):
+            self.writer.database_back()
 
     @property
     def in_flight(self) -> int:

@@ -55,6 +55,12 @@ class Result:
     attempted_at: datetime
 
 
+# The writer's backoff after a failed write-back: doubling from BACKOFF_FIRST up to BACKOFF_MAX
+# (seconds), jittered, and ended early by `database_back`.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+
 class ResultWriter:
     """Buffers results and flushes them by size or after a short interval."""
 
@@ -144,7 +150,7 @@ class ResultWriter:
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
-                delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**failures) * random.uniform(0.5, 1.0)
                 log.warning(
                     "results_not_recorded",
                     error=type(exc).__name__,
