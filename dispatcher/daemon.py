@@ -411,7 +411,9 @@ class Dispatcher:
                     paused_ms=round((now - self._paused_at) * 1000),
                 )
             self.writer.progress.clear()
-            await self._sleep(PAUSE_WARN_AFTER, self.writer.progress)
+            self.writer.hurry()
+            # Woken also by `_wake`: a reload may have raised the limit.
+            await self._sleep(PAUSE_WARN_AFTER, self.writer.progress, self._wake)
             return True
         if self._paused_at is not None and self._paused_warned:
             log.info(

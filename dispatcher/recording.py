@@ -145,6 +145,8 @@ class ResultWriter:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._flush_interval):
                         await self._full.wait()
+            # A signal that the database is back counts from the start of this attempt on.
+            self._retry_now.clear()
             try:
                 await self.flush()
                 failures = 0
@@ -158,7 +160,6 @@ class ResultWriter:
                     pending_results=len(self._buffer),
                     retry_in_s=round(delay, 2),
                 )
-                self._retry_now.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._retry_now.wait(), delay)
 
@@ -166,6 +167,11 @@ class ResultWriter:
         """Another connection reached the database again: end a backoff now, since the pump
         pauses while results wait, and would otherwise wait out the writer's (up to 5 s)."""
         self._retry_now.set()
+
+    def hurry(self) -> None:
+        """Write what waits now rather than after `flush_interval`: the pump has stopped
+        claiming until it is written, so no fuller batch is coming."""
+        self._full.set()
 
     async def drain(self, deadline: float) -> int:
         """Flush everything before `deadline` (monotonic); returns how many stayed unrecorded."""

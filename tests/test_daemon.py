@@ -119,3 +119,20 @@ async def test_a_statement_the_database_refuses_is_an_error_line_and_the_daemon_
     assert refused["log_level"] == "error"
     assert refused["sqlstate"] == "42883"  # undefined function
     assert not any(e["event"] == "database_unavailable" for e in logged)
+
+
+async def test_a_paused_pump_has_the_writer_flush_at_once_rather_than_after_its_interval(
+    db: Db, receiver: Receiver, daemon_factory: Callable[..., Awaitable[RunningDaemon]]
+) -> None:
+    """With batches larger than the limit on unrecorded results, the writer would wait out
+    `flush_interval` for a batch that never fills while the pump waits on the writer."""
+    await db.add_endpoint(receiver.url)
+    delivery = replace(db.config.delivery, concurrency=2, batch_size=100, flush_interval=2.0)
+    await daemon_factory(replace(db.config, delivery=delivery))
+    await db.insert_events(40)
+
+    async def all_recorded() -> bool:
+        return await db.count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'") == 40
+
+    # Ten rounds of four results: 20 s if each waited out the interval; the last may.
+    await wait_until(all_recorded, timeout=8, message="40 deliveries recorded")
