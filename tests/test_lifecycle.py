@@ -96,9 +96,10 @@ async def test_kill_9_mid_delivery_loses_nothing_and_only_in_flight_work_repeats
     assert set(seen) == set(ids)
     repeated = {eid for eid, n in seen.items() if n > 1}
     assert repeated <= in_flight
-    # Claimed and unrecorded: at most the endpoint's 8 requests in flight plus 8 whose results
-    # were still waiting for the next batched write-back.
-    assert len(in_flight) <= 16
+    # Claimed and unrecorded: the endpoint's 8 requests in flight, up to 8 more claimed and
+    # waiting for one of its slots (twice its cap in hand), and the results of the last round
+    # or two still waiting for the batched write-back: a few dozen of 300.
+    assert len(in_flight) <= 4 * 8
 
 
 @pytest.fixture
