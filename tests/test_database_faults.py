@@ -318,13 +318,14 @@ async def test_while_results_cannot_be_recorded_the_daemon_stops_claiming_after_
                 message="claims paused",
             )
             await wait_until(lambda: d.in_flight == 0, message="requests in flight finished")
-            # The results waiting (up to twice the concurrency) and one round in flight, at
-            # most: the rest stay unsent.
-            assert len(receiver.requests) <= 3 * concurrency, len(receiver.requests)
+            # The results waiting (under twice the concurrency) and what was claimed before the
+            # pause, running or waiting for a slot (twice the cap in hand), at most: the rest
+            # stay unsent.
+            assert len(receiver.requests) <= 4 * concurrency, len(receiver.requests)
             delivering = await db.count(
                 "SELECT count(*) FROM deliveries WHERE status = 'delivering'"
             )
-            assert delivering <= 3 * concurrency, delivering
+            assert delivering <= 4 * concurrency, delivering
             gauge = d.metrics.registry.get_sample_value("webhook_results_unrecorded")
             assert gauge is not None
             assert gauge >= 2 * concurrency
