@@ -488,8 +488,7 @@ def _more_summary(
     """Headline ratios of the scale, fairness and replicas scenarios."""
     out: dict[str, float | None] = {}
     if scale is not None:
-        sizes = [r.events for r in scale.runs]
-        large, small = count_label(max(sizes)), count_label(min(sizes))
+        small, large = (count_label(n) for n in scale.small_and_large)
         out[f"scale: {large} / {small} rate"] = scale.rate_ratio
         out["scale: peak RSS MB"] = scale.large_peak_rss_mb
     if fairness is not None:

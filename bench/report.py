@@ -276,8 +276,7 @@ def scale_table(r: ScaleResult) -> str:
     headers = ["events", "deliveries/s", "after start-up/s", "seconds", "start-up s"]
     headers += ["failed attempts", "peak RSS MB", "cores used"]
     text = table("scale: the drain at each backlog size", headers, rows, left=[7])
-    large = max(x.events for x in r.runs)
-    small = min(x.events for x in r.runs)
+    small, large = r.small_and_large
     return text + (
         f"\n{large:,} / {small:,} events (the median of its runs): {_n(r.rate_ratio, 3)}"
         " after start-up "

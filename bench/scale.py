@@ -24,6 +24,12 @@ class ScaleResult:
     large_peak_rss_mb: float | None
     """The dispatcher's peak RSS while draining the largest backlog."""
 
+    @property
+    def small_and_large(self) -> tuple[int, int]:
+        """The smallest and the largest backlog drained, in events."""
+        sizes = [r.events for r in self.runs]
+        return min(sizes), max(sizes)
+
 
 # The small backlog drains in about a second, short enough for this machine's drift to move
 # one run by a tenth either way: it runs SMALL_RUNS times, before and after the large one, and

@@ -61,13 +61,19 @@ class RawServers:
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
 
-async def read_request(reader: asyncio.StreamReader) -> None:
-    """The whole request, so closing never turns into a reset for unread bytes."""
+async def read_head(reader: asyncio.StreamReader) -> int:
+    """A request's head, up to its blank line; returns its Content-Length (0 without one)."""
     head = await reader.readuntil(b"\r\n\r\n")
     for line in head.split(b"\r\n"):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
-            await reader.readexactly(int(value))
+            return int(value)
+    return 0
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    """The whole request, so closing never turns into a reset for unread bytes."""
+    await reader.readexactly(await read_head(reader))
 
 
 @pytest.fixture
@@ -439,12 +445,7 @@ async def test_a_body_larger_than_the_socket_buffers_reaches_a_slow_reader_whole
     received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
+        length = await read_head(reader)
         body = bytearray()
         while len(body) < length:
             # A reader slower than the sender, so the request outgrows the socket's buffers.
@@ -474,12 +475,7 @@ async def test_an_answer_sent_before_a_large_body_is_read_is_the_outcome_and_the
 ) -> None:
     async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
+            length = await read_head(reader)
             if length <= 1024:
                 await reader.readexactly(length)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
