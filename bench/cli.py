@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -81,6 +81,7 @@ class Settings:
     retention_rows: int = 1_000_000
     retention_batch: int = 5000
     ordered_events: int = 50_000
+    live_loads: list[float] = field(default_factory=lambda: [0.5])
 
 
 def _int_list(text: str) -> list[int]:
@@ -136,6 +137,12 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--concurrency", type=_int_list, default=[16, 64, 256], help="ceiling: 16,64,256"
     )
     p.add_argument("--loads", type=_load_list, default=[0.1, 0.5, 0.8], help="latency: 0.1,0.5,0.8")
+    p.add_argument(
+        "--live-loads",
+        type=_load_list,
+        default=[0.5],
+        help="latency: fractions of the live capacity, offered after --loads (0.5)",
+    )
     p.add_argument("--producers", type=_int_list, default=[1, 4, 16], help="backend: 1,4,16")
     p.add_argument(
         "--drain-rate", type=_positive, help="latency without drain: the rate to take fractions of"
@@ -225,6 +232,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         retention_rows=a.retention_rows,
         retention_batch=a.retention_batch,
         ordered_events=a.ordered_events,
+        live_loads=a.live_loads,
     )
     if a.smoke:
         settings.events = min(settings.events, 2_000)
@@ -365,7 +373,10 @@ async def _run(settings: Settings, ctx: Context, data: dict[str, Any], output: P
     if "latency" in s.only:
         rate, source = await _drain_rate(s, ctx, drain)
         if rate is not None:
-            latency = await scenario("latency", run_latency(ctx, s.loads, s.duration, rate, source))
+            latency = await scenario(
+                "latency",
+                run_latency(ctx, s.loads, s.duration, rate, source, s.live_loads),
+            )
         else:
             errors["latency"] = "no drain rate to take fractions of (calibration failed)"
         if latency is not None:
@@ -462,8 +473,11 @@ def _summary(
             )
     if latency is not None:
         for p in latency.points:
-            out[f"latency at {p.load:.0%} load: p50 ms"] = p.p50_ms
-            out[f"latency at {p.load:.0%} load: p99 ms"] = p.p99_ms
+            what = f"{p.label} capacity" if p.basis == "live" else f"{p.label} load"
+            out[f"latency at {what}: p50 ms"] = p.p50_ms
+            out[f"latency at {what}: p99 ms"] = p.p99_ms
+            if p.machine_load is not None:
+                out[f"machine share at {what} (estimated)"] = p.machine_load
     if backend is not None:
         top = max(c.producers for c in backend.cells)
         for c in backend.cells:

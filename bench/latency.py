@@ -1,4 +1,13 @@
-"""Latency: insert-to-2xx-recorded percentiles under an open-loop producer at fixed rates."""
+"""Latency: insert-to-2xx-recorded percentiles under an open-loop producer at fixed rates.
+
+The rates are fractions of the drain rate, which is measured with the backlog inserted
+beforehand: the producers' own cost (their single-row transactions, durable commits and the
+Python client) never weighed on it. On a machine they share with the dispatcher they can take
+as much again, so the scenario first measures the producers' own ceiling (closed loop, nothing
+else running) and reports for each rate how much of the machine it should take, inserting and
+delivering together (`machine_load`), and it also offers fractions of the *live capacity*, the
+rate at which inserting and delivering together would fill the machine.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ from bench.harness import (
 
 PRODUCERS = 16
 SETTLE_S = 1.0
+# How long the producers' closed-loop ceiling is measured (at most; never longer than a rate).
+CAPACITY_SECONDS = 5.0
 _START_DELAY_S = 0.05
 
 _INSERT = (
@@ -78,6 +89,7 @@ class LatencyPoint:
     """One offered rate: how long events took from insert to a recorded 2xx."""
 
     load: float
+    """The offered rate as a fraction of `basis`'s rate."""
     target_per_s: float
     achieved_per_s: float
     events: int
@@ -90,6 +102,16 @@ class LatencyPoint:
     cores: dict[str, float] = field(default_factory=dict)
     stages_ms: dict[str, list[float]] = field(default_factory=dict)
     """p50 and p99 of each stage (STAGES), in ms."""
+    basis: str = "drain"
+    """What `load` is a fraction of: "drain" (the drain rate) or "live" (the live capacity)."""
+    machine_load: float | None = None
+    """The share of the machine this rate should take, inserting and delivering together:
+    rate / producers' ceiling + rate / drain rate. A floor: both cost more per event at lower
+    rates (smaller batches, less group commit)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.load:.0%}" + (" of live" if self.basis == "live" else "")
 
 
 @dataclass
@@ -101,6 +123,12 @@ class LatencyResult:
     seconds_per_rate: float
     producers: int
     points: list[LatencyPoint]
+    insert_capacity: float | None = None
+    """The producers' own ceiling: closed-loop single-row inserts/s, nothing else running."""
+    insert_capacity_cores: dict[str, float] = field(default_factory=dict)
+    live_capacity: float | None = None
+    """1 / (1 / insert_capacity + 1 / drain_rate): the rate that inserting and delivering
+    together would fill the machine with, if their costs simply add up."""
 
 
 # PostgreSQL's CPU split by who asked for it: the producers' backends (the backend's inserts
@@ -136,9 +164,20 @@ def _pg_split(
 
 
 async def run_latency(
-    ctx: Context, fractions: list[float], seconds: float, drain_rate: float, source: str
+    ctx: Context,
+    fractions: list[float],
+    seconds: float,
+    drain_rate: float,
+    source: str,
+    live_fractions: Sequence[float] = (),
 ) -> LatencyResult:
-    """Start the dispatcher, then offer each rate for `seconds` and measure its latencies."""
+    """Measure the producers' ceiling, start the dispatcher, then offer each rate (fractions of
+    the drain rate, then of the live capacity) for `seconds` and measure its latencies."""
+    capacity, capacity_cores = await insert_capacity(ctx, min(seconds, CAPACITY_SECONDS))
+    live = 1 / (1 / capacity + 1 / drain_rate) if capacity > 0 else None
+    offered = [("drain", f, f * drain_rate) for f in fractions]
+    if live is not None:
+        offered += [("live", f, f * live) for f in live_fractions]
     config = await fresh_schema(ctx.dsn, "latency")
     conn = await connect(config)
     producers: list[asyncpg.Connection] = []
@@ -149,9 +188,9 @@ async def run_latency(
         try:
             await wait_idle_listener(conn, daemon)
             points = []
-            for fraction in fractions:
+            for basis, fraction, offered_rate in offered:
                 await asyncio.sleep(SETTLE_S)
-                rate = max(1.0, fraction * drain_rate)
+                rate = max(1.0, offered_rate)
                 meter = CpuMeter(ctx.cpu_sources(dispatcher=daemon.cpu_seconds))
                 pg_before = await _pg_cpu_by_client(conn)
                 started = time.monotonic()
@@ -185,16 +224,59 @@ async def run_latency(
                             name: [round(v, 2) for v in stages[name] or (0.0, 0.0)]
                             for name in STAGE_NAMES
                         },
+                        basis=basis,
+                        machine_load=(
+                            round(rate / capacity + rate / drain_rate, 3) if capacity > 0 else None
+                        ),
                     )
                 )
         finally:
             daemon.stop()
-        return LatencyResult(round(drain_rate, 1), source, seconds, PRODUCERS, points)
+        return LatencyResult(
+            round(drain_rate, 1),
+            source,
+            seconds,
+            PRODUCERS,
+            points,
+            insert_capacity=round(capacity, 1),
+            insert_capacity_cores=capacity_cores,
+            live_capacity=round(live, 1) if live is not None else None,
+        )
     finally:
         for p in producers:
             await p.close()
         await drop_schema(conn, config)
         await conn.close()
+
+
+async def insert_capacity(ctx: Context, seconds: float) -> tuple[float, dict[str, float]]:
+    """The producers' own ceiling: the same connections, payloads and one-event transactions
+    as the latency runs, each inserting again as soon as its last commit returns, for
+    `seconds`, into a schema of its own that no dispatcher watches. Returns inserts/s and the
+    cores each process used meanwhile."""
+    config = await fresh_schema(ctx.dsn, "capacity")
+    conns = [await connect(config) for _ in range(PRODUCERS)]
+    texts = [orjson.dumps(payload(i)).decode() for i in range(1000)]
+    counts = [0] * len(conns)
+    deadline = time.monotonic() + seconds
+
+    async def insert(k: int, conn: asyncpg.Connection) -> None:
+        while time.monotonic() < deadline:
+            i = k + len(conns) * counts[k]
+            await conn.execute(_INSERT, TENANT, EVENT_TYPE, texts[i % 1000], datetime.now(UTC))
+            counts[k] += 1
+
+    meter = CpuMeter(ctx.cpu_sources())
+    try:
+        meter.start()
+        started = time.monotonic()
+        await asyncio.gather(*(insert(k, c) for k, c in enumerate(conns)))
+        elapsed = time.monotonic() - started
+        return sum(counts) / max(elapsed, 1e-9), meter.cores()
+    finally:
+        await drop_schema(conns[0], config)
+        for c in conns:
+            await c.close()
 
 
 async def produce(

@@ -160,9 +160,10 @@ def latency_table(r: LatencyResult) -> str:
     """One row per offered rate."""
     rows = [
         [
-            f"{p.load:.0%}",
+            p.label,
             _n(p.target_per_s),
             _n(p.achieved_per_s),
+            "" if p.machine_load is None else f"{p.machine_load:.0%}",
             _n(p.events),
             _n(p.p50_ms, 1),
             _n(p.p99_ms, 1),
@@ -173,15 +174,22 @@ def latency_table(r: LatencyResult) -> str:
         ]
         for p in r.points
     ]
-    headers = ["load", "target/s", "achieved/s", "events", "p50 ms", "p99 ms", "max ms"]
-    headers += ["producer lag p99/max ms", "p99 from schedule ms", "cores used"]
+    headers = ["load", "target/s", "achieved/s", "machine", "events", "p50 ms", "p99 ms"]
+    headers += ["max ms", "producer lag p99/max ms", "p99 from schedule ms", "cores used"]
     title = (
         f"latency: insert -> 2xx recorded, open loop, {r.producers} producer connections, "
         f"{r.seconds_per_rate:g} s per rate; "
         f"drain rate {_n(r.drain_rate)}/s ({r.drain_rate_source})"
     )
+    if r.insert_capacity is not None:
+        title += (
+            f"\nthe producers' own ceiling (closed loop, no dispatcher): {_n(r.insert_capacity)}"
+            f" inserts/s, {_cores(r.insert_capacity_cores)}; live capacity"
+            f" 1 / (1 / ceiling + 1 / drain) = {_n(r.live_capacity)}/s; machine = the share of"
+            " the machine a rate should take at those costs (rate / ceiling + rate / drain)"
+        )
     stage_rows = [
-        [f"{p.load:.0%}"]
+        [p.label]
         + [f"{_n(p.stages_ms[name][0], 1)} / {_n(p.stages_ms[name][1], 1)}" for name in STAGE_NAMES]
         for p in r.points
         if p.stages_ms
@@ -192,7 +200,7 @@ def latency_table(r: LatencyResult) -> str:
         ["load", "to fan-out", "fan-out to send", "http", "to recorded"],
         stage_rows,
     )
-    return table(title, headers, rows, left=[9]) + "\n\n" + stages
+    return table(title, headers, rows, left=[10]) + "\n\n" + stages
 
 
 def backend_cost_table(r: BackendCostResult) -> str:

@@ -55,11 +55,21 @@ def test_bench_smoke_produces_every_scenario_with_positive_numbers(tmp_path: Pat
     for key in ("deliveries_per_s", "after_startup_per_s", "seconds"):
         assert _positive(drain[key]), key
 
-    points = scenarios["latency"]["points"]
-    assert [p["load"] for p in points] == [0.1, 0.5, 0.8]
+    latency = scenarios["latency"]
+    points = latency["points"]
+    # Fractions of the drain rate, then of the live capacity (producers and dispatcher together).
+    assert [(p["basis"], p["load"]) for p in points] == [
+        ("drain", 0.1),
+        ("drain", 0.5),
+        ("drain", 0.8),
+        ("live", 0.5),
+    ]
+    assert _positive(latency["insert_capacity"])
+    assert 0 < latency["live_capacity"] < min(latency["insert_capacity"], latency["drain_rate"])
     for p in points:
         for key in ("target_per_s", "achieved_per_s", "events", "p50_ms", "p99_ms", "max_ms"):
             assert _positive(p[key]), (p["load"], key)
+        assert _positive(p["machine_load"]), p["load"]
         assert set(p["stages_ms"]) == {"to_fan_out", "fan_out_to_send", "http", "to_recorded"}
         assert _positive(p["stages_ms"]["to_fan_out"][0]), p["load"]
         # PostgreSQL's CPU split between the producers' backends and the dispatcher's (at the
