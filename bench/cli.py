@@ -100,7 +100,7 @@ def _load_list(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of fractions") from None
     if not values or not all(0 < v <= 2 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give fractions of the drain rate, e.g. 0.5")
+        raise argparse.ArgumentTypeError(f"{text!r}: give fractions in (0, 2], e.g. 0.5")
     return values
 
 

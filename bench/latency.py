@@ -111,6 +111,7 @@ class LatencyPoint:
 
     @property
     def label(self) -> str:
+        """The load as the tables name it: "50%" of the drain rate, "50% of live" capacity."""
         return f"{self.load:.0%}" + (" of live" if self.basis == "live" else "")
 
 
