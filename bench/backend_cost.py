@@ -10,20 +10,24 @@ import os
 import re
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import asyncpg
-
-from bench.harness import EVENT_TYPE, TENANT, Context, connect, drop_schema, fresh_schema
+from bench.harness import (
+    EVENT_TYPE,
+    TENANT,
+    Context,
+    closed_loop_inserts,
+    connect,
+    drop_schema,
+    fresh_schema,
+)
 from dispatcher.config import DatabaseConfig
 from dispatcher.pgcluster import ClusterError, pg_bin
 
 MODES = ("no trigger", "busy", "idle")
 _PAYLOAD = '{"customer_id":"cust_00000123","amount":150,"new_balance":2350,"reason":"purchase"}'
-_INSERT = "INSERT INTO outbox (tenant, event_type, payload) VALUES ($1, $2, $3::jsonb)"
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 
 
@@ -98,7 +102,9 @@ async def run_backend_cost(
                             _run_pgbench, pgbench, schemas[mode], producers, seconds, ctx.workdir
                         )
                     else:
-                        rate = await _run_asyncpg(schemas[mode], producers, seconds)
+                        rate = await closed_loop_inserts(
+                            schemas[mode], producers, seconds, [_PAYLOAD]
+                        )
                     await asyncio.sleep(0.1)  # let the last notifications arrive
                     heard += received[0] - before
                     rates.setdefault((producers, mode), []).append(rate)
@@ -152,23 +158,3 @@ def _run_pgbench(
     if proc.returncode != 0 or found is None:
         raise RuntimeError(f"pgbench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     return float(found.group(1))
-
-
-async def _run_asyncpg(config: DatabaseConfig, producers: int, seconds: float) -> float:
-    """The fallback backend: closed-loop producers on asyncpg connections, for `seconds`."""
-    conns: list[asyncpg.Connection] = [await connect(config) for _ in range(producers)]
-    counts = [0] * producers
-    deadline = time.monotonic() + seconds
-
-    async def produce(k: int) -> None:
-        while time.monotonic() < deadline:
-            await conns[k].execute(_INSERT, TENANT, EVENT_TYPE, _PAYLOAD, timeout=30)
-            counts[k] += 1
-
-    started = time.monotonic()
-    try:
-        await asyncio.gather(*(produce(k) for k in range(producers)))
-    finally:
-        for c in conns:
-            await c.close()
-    return sum(counts) / (time.monotonic() - started)

@@ -126,6 +126,34 @@ async def connect(config: DatabaseConfig) -> asyncpg.Connection:
     return conn
 
 
+async def closed_loop_inserts(
+    config: DatabaseConfig, producers: int, seconds: float, payloads: Sequence[str]
+) -> float:
+    """Single-row inserts, one event per transaction, on `producers` connections of their
+    own, each inserting again as soon as its last commit returns, for `seconds`; payloads
+    round-robin. Returns inserts/s."""
+    conns: list[asyncpg.Connection] = [await connect(config) for _ in range(producers)]
+    counts = [0] * producers
+    deadline = time.monotonic() + seconds
+
+    async def produce(k: int) -> None:
+        while time.monotonic() < deadline:
+            text = payloads[(k + producers * counts[k]) % len(payloads)]
+            await conns[k].execute(_CLOSED_LOOP_INSERT, TENANT, EVENT_TYPE, text, timeout=30)
+            counts[k] += 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(produce(k) for k in range(producers)))
+    finally:
+        for c in conns:
+            await c.close()
+    return sum(counts) / (time.monotonic() - started)
+
+
+_CLOSED_LOOP_INSERT = "INSERT INTO outbox (tenant, event_type, payload) VALUES ($1, $2, $3::jsonb)"
+
+
 async def drop_schema(conn: asyncpg.Connection, config: DatabaseConfig) -> None:
     """Drop a scenario's schema once it is measured, to keep the cluster small."""
     await conn.execute(f'DROP SCHEMA IF EXISTS "{config.schema}" CASCADE')

@@ -27,6 +27,7 @@ from bench.harness import (
     Context,
     CpuMeter,
     add_endpoint,
+    closed_loop_inserts,
     connect,
     drop_schema,
     fresh_schema,
@@ -251,33 +252,22 @@ async def run_latency(
 
 
 async def insert_capacity(ctx: Context, seconds: float) -> tuple[float, dict[str, float]]:
-    """The producers' own ceiling: the same connections, payloads and one-event transactions
-    as the latency runs, each inserting again as soon as its last commit returns, for
-    `seconds`, into a schema of its own that no dispatcher watches. Returns inserts/s and the
-    cores each process used meanwhile."""
+    """The producers' own ceiling: as many connections and the same payloads as the latency
+    runs, one event per transaction in a closed loop for `seconds`, into a schema of its own
+    that no dispatcher watches. Returns inserts/s and the cores each process used meanwhile."""
     config = await fresh_schema(ctx.dsn, "capacity")
-    conns = [await connect(config) for _ in range(PRODUCERS)]
     texts = [orjson.dumps(payload(i)).decode() for i in range(1000)]
-    counts = [0] * len(conns)
-    deadline = time.monotonic() + seconds
-
-    async def insert(k: int, conn: asyncpg.Connection) -> None:
-        while time.monotonic() < deadline:
-            i = k + len(conns) * counts[k]
-            await conn.execute(_INSERT, TENANT, EVENT_TYPE, texts[i % 1000], datetime.now(UTC))
-            counts[k] += 1
-
     meter = CpuMeter(ctx.cpu_sources())
     try:
         meter.start()
-        started = time.monotonic()
-        await asyncio.gather(*(insert(k, c) for k, c in enumerate(conns)))
-        elapsed = time.monotonic() - started
-        return sum(counts) / max(elapsed, 1e-9), meter.cores()
+        rate = await closed_loop_inserts(config, PRODUCERS, seconds, texts)
+        return rate, meter.cores()
     finally:
-        await drop_schema(conns[0], config)
-        for c in conns:
-            await c.close()
+        conn = await connect(config)
+        try:
+            await drop_schema(conn, config)
+        finally:
+            await conn.close()
 
 
 async def produce(
